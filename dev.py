@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""One-command entry points for a fresh machine that has only python3.
+
+    python3 dev.py demo   # set up, then run the main job on the bundled example
+    python3 dev.py test   # set up, then run the whole test suite
+
+Set-up creates ``.venv`` next to this file and installs the runtime and edgepack
+(with the ``dev`` extra) into it; it is skipped when nothing it depends on changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".edgepack-installed"
+# What the installed environment depends on; a change triggers a reinstall.
+INPUTS = [ROOT / "pyproject.toml", ROOT / "runtime" / "pyproject.toml", ROOT / "dev.py"]
+
+
+def _run(*cmd: str | Path, **kwargs) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kwargs)
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in INPUTS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def setup() -> None:
+    """Create the virtualenv and install edgepack into it (idempotent)."""
+    if sys.version_info < (3, 10):
+        sys.exit(f"edgepack needs Python 3.10 or newer; this is {sys.version.split()[0]}.")
+    if not PY.exists():
+        print(f"Creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if STAMP.exists() and STAMP.read_text() == _fingerprint():
+        return
+    pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    _run(*pip, "--upgrade", "pip", "setuptools", "wheel")
+    _run(*pip, "-e", "./runtime", "-e", ".[dev]")
+    STAMP.write_text(_fingerprint())
+
+
+def demo() -> None:
+    """The main job, end to end on the bundled digits example."""
+    example = ROOT / "examples" / "digits"
+    out = ROOT / "out"
+    out.mkdir(exist_ok=True)
+    _run(
+        BIN / "edgepack", "optimize", example / "model.onnx",
+        "-o", out / "digits-int8.onnx",
+        "--quantize", "static", "--per-channel",
+        "--calibration", example / "calib.npz",
+        "--validation", example / "val.npz",
+        "--max-accuracy-drop", "0.01",
+    )
+
+
+def test(extra: list[str]) -> None:
+    """The whole test suite."""
+    _run(PY, "-m", "pytest", *extra)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test", "setup"):
+        print(__doc__)
+        return 2
+    setup()
+    try:
+        if argv[0] == "demo":
+            demo()
+        elif argv[0] == "test":
+            test(argv[1:])
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

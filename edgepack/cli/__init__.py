@@ -1,0 +1,1 @@
+"""The ``edgepack`` command line."""

@@ -1,0 +1,381 @@
+"""``optimize``: graph optimization, then quantization behind the accuracy gate.
+
+This module coordinates; the pieces it calls do one job each (graph rewrites,
+quantizers, measurement, the pure gate). Nothing is written to the output path
+unless the chosen candidate passed the gate, and then atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .._atomic import atomic_write_bytes
+from ..data import Dataset, open_dataset, random_dataset
+from ..errors import ConfigError, DataError, GateError, ModelError, NotQuantizableError, OptimizationError
+from ..modelio import graph_inputs, load_model, runtime_load_error
+from . import gate as gates
+from .evaluate import Latency, Numerics, batch_size_for, compare, measure_latency, session
+from .graph import GraphReport, optimize_graph
+from .quantize import CALIBRATION_METHODS, QUANTIZERS, QuantAudit, QuantOptions, quantize
+
+MODES = ("none", "dynamic", "static", "fp16", "auto")
+# When latencies are this close, the smaller file wins in --quantize auto.
+_LATENCY_TIE = 0.05
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything ``optimize`` needs; built by the CLI or by library callers.
+
+    Attributes:
+        model: Input ONNX file.
+        output: Where to write the result (only if it passes the gate).
+        quantize: One of :data:`MODES`.
+        calibration: Calibration data (.npy/.npz/image folder), required by static.
+        validation: Validation data; with ``labels`` it also measures accuracy.
+        per_channel: Per-channel weight scales.
+        calibration_method: minmax, entropy or percentile.
+        gate: Thresholds; None means the default gate for the data available.
+        threads: Inference threads used for every measurement.
+        latency_runs: Timed runs per model (interleaved).
+        eval_limit: Compare on at most this many samples (None: all).
+    """
+
+    model: Path
+    output: Path
+    quantize: str = "none"
+    calibration: Path | None = None
+    validation: Path | None = None
+    per_channel: bool = False
+    calibration_method: str = "minmax"
+    gate: gates.Gate | None = None
+    threads: int = 1
+    latency_runs: int = 50
+    eval_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.quantize not in MODES:
+            problems.append(f"--quantize must be one of {', '.join(MODES)}, got '{self.quantize}'")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            problems.append(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got '{self.calibration_method}'")
+        if self.threads < 1:
+            problems.append(f"--threads must be at least 1, got {self.threads}")
+        if self.latency_runs < 1:
+            problems.append(f"latency runs must be at least 1, got {self.latency_runs}")
+        if self.quantize == "static" and self.calibration is None:
+            problems.append("--quantize static needs --calibration DATA (representative model inputs)")
+        if problems:
+            raise ConfigError("; ".join(problems) + ".")
+
+
+@dataclass
+class Candidate:
+    """One result model considered by ``optimize``."""
+
+    mode: str
+    size_bytes: int = 0
+    status: str = "pending"  # chosen | passed | rejected | failed
+    reason: str = ""
+    numerics: Numerics | None = None
+    latency: Latency | None = None
+    gate_failures: list[str] = field(default_factory=list)
+    audit: QuantAudit | None = None
+    model_bytes: bytes = field(default=b"", repr=False)
+
+
+@dataclass
+class OptimizeReport:
+    """What ``optimize`` measured and decided; ``to_dict`` gives the JSON form."""
+
+    model: str
+    output: str | None
+    requested: str
+    chosen: str | None
+    threads: int
+    evaluation: dict
+    gate: str
+    graph: GraphReport | None
+    original_size: int
+    original_latency: Latency | None
+    candidates: list[Candidate]
+    warnings: list[str]
+    host: str = field(default_factory=lambda: f"{platform.machine()} {platform.system()} python {platform.python_version()}")
+
+    def to_dict(self) -> dict:
+        def numerics(n: Numerics | None) -> dict | None:
+            return None if n is None else {k: getattr(n, k) for k in n.__dataclass_fields__}
+
+        def latency(lat: Latency | None) -> dict | None:
+            return None if lat is None else {"median_ms": lat.median_ms, "p95_ms": lat.p95_ms, "runs": lat.runs}
+
+        return {
+            "model": self.model,
+            "output": self.output,
+            "requested": self.requested,
+            "chosen": self.chosen,
+            "threads": self.threads,
+            "host": self.host,
+            "evaluation": self.evaluation,
+            "gate": self.gate,
+            "graph": None if self.graph is None else {
+                "nodes_before": self.graph.nodes_before,
+                "nodes_after": self.graph.nodes_after,
+                "ops_removed": self.graph.ops_removed,
+                "applied": self.graph.applied,
+                "note": self.graph.note,
+            },
+            "original": {"size_bytes": self.original_size, "latency": latency(self.original_latency)},
+            "candidates": [
+                {
+                    "mode": c.mode,
+                    "status": c.status,
+                    "reason": c.reason,
+                    "size_bytes": c.size_bytes,
+                    "size_ratio": (self.original_size / c.size_bytes) if c.size_bytes else None,
+                    "latency": latency(c.latency),
+                    "speedup": (self.original_latency.median_ms / c.latency.median_ms)
+                    if c.latency and self.original_latency and c.latency.median_ms > 0
+                    else None,
+                    "numerics": numerics(c.numerics),
+                    "gate_failures": c.gate_failures,
+                    "weights_quantized": None if c.audit is None else c.audit.weights_quantized,
+                    "weights_total": None if c.audit is None else c.audit.weights_total,
+                    "weights_left_float": None if c.audit is None else list(c.audit.left_float),
+                }
+                for c in self.candidates
+            ],
+            "warnings": self.warnings,
+        }
+
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def _evaluation_data(config: OptimizeConfig, inputs, calibration: Dataset | None) -> tuple[Dataset | None, str]:
+    if config.validation is not None:
+        return open_dataset(config.validation, inputs, "validation"), "validation"
+    if calibration is not None:
+        return calibration, "calibration (in-sample: pass --validation for an honest measurement)"
+    return random_dataset(inputs), "random inputs (no data given: accuracy is not measured)"
+
+
+def _candidate_modes(config: OptimizeConfig, calibration: Dataset | None) -> tuple[list[str], list[Candidate]]:
+    if config.quantize != "auto":
+        return [config.quantize], []
+    modes, skipped = ["none"], []
+    for mode in QUANTIZERS:
+        if mode == "static" and calibration is None:
+            skipped.append(Candidate(mode, status="rejected", reason="skipped: static quantization needs --calibration data"))
+        else:
+            modes.append(mode)
+    return modes, skipped
+
+
+def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeReport:
+    """Optimize and optionally quantize a model, measure it, gate it and write it.
+
+    Returns:
+        The report; ``report.output`` is set when a model was written.
+
+    Raises:
+        ModelError / DataError / ConfigError: Bad input (nothing written).
+        NotQuantizableError: The requested mode cannot quantize this model correctly.
+        GateError: The result missed the gate (nothing written).
+    """
+    progress("Loading model")
+    original = load_model(config.model)
+    original_bytes = config.model.read_bytes()
+    inputs = graph_inputs(original)
+    if any(s.dtype is None for s in inputs):
+        raise ModelError(f"{config.model} has non-tensor inputs; optimize supports tensor inputs only.")
+    _check_output_path(config.output, config.model)
+    calibration = open_dataset(config.calibration, inputs, "calibration") if config.calibration else None
+    evaluation, eval_kind = _evaluation_data(config, inputs, calibration)
+    batch = batch_size_for(inputs)
+    warnings: list[str] = []
+
+    progress("Optimizing graph")
+    base_model, graph_report = optimize_graph(original, config.threads)
+    try:
+        reference = session(original_bytes, config.threads)
+    except Exception as exc:  # noqa: BLE001
+        raise runtime_load_error(exc, str(config.model)) from exc
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-opt-") as tmp:
+        work = Path(tmp)
+        base_bytes = base_model.SerializeToString()
+        if graph_report.applied and evaluation is not None:
+            # Safety net: a rewrite that changes outputs is discarded, not shipped.
+            check = _compare_or_none(reference, base_bytes, evaluation, batch, config)
+            if check is not None and not check.close:
+                unoptimized = onnx.ModelProto()
+                unoptimized.ParseFromString(original_bytes)
+                base_bytes = unoptimized.SerializeToString()
+                graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
+                                           f"optimized graph changed outputs (max abs error {check.max_abs_error:.3g}); kept the original graph")
+        if evaluation is None:
+            warnings.append("No data was given and random inputs cannot be made for these inputs: results are not numerically checked.")
+        base_path = work / "base.onnx"
+        base_path.write_bytes(base_bytes)
+
+        modes, candidates = _candidate_modes(config, calibration)
+        options = QuantOptions(per_channel=config.per_channel, calibration_method=config.calibration_method,
+                               calibration_batch=1 if batch_size_for(inputs, 1) == 1 else batch)
+        runnable: dict[str, object] = {}
+        for mode in modes:
+            cand = Candidate(mode)
+            candidates.append(cand)
+            if mode == "none":
+                cand.model_bytes = base_bytes
+            else:
+                progress(f"Quantizing ({mode})")
+                out = work / f"{mode}.onnx"
+                try:
+                    cand.audit = quantize(mode, base_path, out, options, calibration)
+                except NotQuantizableError as exc:
+                    if config.quantize != "auto":
+                        raise
+                    cand.status, cand.reason = "failed", str(exc)
+                    continue
+                cand.model_bytes = out.read_bytes()
+                if cand.audit.left_float:
+                    warnings.append(
+                        f"{mode}: {len(cand.audit.left_float)} of {cand.audit.weights_total} weight ops stayed float: "
+                        + ", ".join(cand.audit.left_float[:5])
+                    )
+            cand.size_bytes = len(cand.model_bytes)
+            try:
+                runnable[mode] = session(cand.model_bytes, config.threads)
+            except Exception as exc:  # noqa: BLE001 - any load failure disqualifies the candidate
+                cand.status = "failed"
+                cand.reason = f"does not run on this host's onnxruntime: {str(exc).strip().splitlines()[0][:200]}"
+                if config.quantize != "auto":
+                    raise OptimizationError(f"The {mode} result {cand.reason}.") from exc
+
+        gate = config.gate
+        if evaluation is not None:
+            for cand in candidates:
+                if cand.mode not in runnable:
+                    continue
+                progress(f"Measuring accuracy ({cand.mode})")
+                cand.numerics = compare(reference, runnable[cand.mode], evaluation, batch, config.eval_limit)
+            if gate is None:
+                sample = next((c.numerics for c in candidates if c.numerics is not None), None)
+                gate = gates.default_gate(evaluation.labels is not None, sample is not None and sample.agreement is not None)
+            for cand in candidates:
+                if cand.numerics is not None:
+                    cand.gate_failures = gates.check(gate, cand.numerics)
+        progress("Measuring latency")
+        original_latency = None
+        if evaluation is not None and runnable:
+            feed = evaluation.batch(0, batch_size_for(inputs, 1))
+            try:
+                timings = measure_latency({"__original__": reference, **runnable}, feed, config.latency_runs, warmup=3)
+            except Exception as exc:  # noqa: BLE001 - a model that fails at run time is reported, not fatal in auto
+                raise OptimizationError(f"Running the models for timing failed: {str(exc).splitlines()[0][:200]}") from exc
+            original_latency = timings.pop("__original__")
+            for cand in candidates:
+                cand.latency = timings.get(cand.mode)
+
+        chosen = _choose(config, candidates, original_latency, warnings)
+        report = OptimizeReport(
+            model=str(config.model),
+            output=None,
+            requested=config.quantize,
+            chosen=chosen.mode if chosen else None,
+            threads=config.threads,
+            evaluation={
+                "source": evaluation.source if evaluation else None,
+                "kind": eval_kind,
+                "samples": candidates[-1].numerics.samples if candidates and candidates[-1].numerics else 0,
+                "labels": bool(evaluation is not None and evaluation.labels is not None),
+            },
+            gate=gate.describe() if gate else "not measured",
+            graph=graph_report,
+            original_size=len(original_bytes),
+            original_latency=original_latency,
+            candidates=candidates,
+            warnings=warnings,
+        )
+        if chosen is None:
+            failed = [c for c in candidates if c.gate_failures]
+            detail = "; ".join(f"{c.mode}: {', '.join(c.gate_failures)}" for c in failed) or "no candidate could be produced"
+            error = GateError(f"No result passed the gate ({report.gate}): {detail}. No output was written.")
+            error.report = report  # type: ignore[attr-defined]
+            raise error
+        progress("Writing output")
+        atomic_write_bytes(config.output, chosen.model_bytes)
+        report.output = str(config.output)
+        return report
+
+
+def _compare_or_none(reference, model_bytes: bytes, dataset: Dataset, batch: int, config: OptimizeConfig) -> Numerics | None:
+    try:
+        candidate = session(model_bytes, config.threads)
+        return compare(reference, candidate, dataset, batch, config.eval_limit)
+    except Exception:  # noqa: BLE001 - inputs the original rejects cannot verify anything
+        try:
+            compare(reference, reference, dataset, batch, 1)
+        except Exception:  # noqa: BLE001
+            return None  # the data itself does not run through the original model
+        return Numerics(0, float("inf"), 0.0, None, None, None, False, close=False)
+
+
+def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Latency | None, warnings: list[str]) -> Candidate | None:
+    for cand in candidates:
+        if cand.status in ("failed", "rejected"):
+            continue
+        if cand.gate_failures:
+            cand.status, cand.reason = "rejected", "failed the gate: " + "; ".join(cand.gate_failures)
+        else:
+            cand.status = "passed"
+        if cand.latency and original and cand.latency.median_ms > original.median_ms * 1.1:
+            ratio = cand.latency.median_ms / original.median_ms
+            warnings.append(f"{cand.mode} is {ratio:.1f}× SLOWER than the original on this host ({cand.latency.median_ms:.2f} ms vs {original.median_ms:.2f} ms median).")
+    passing = [c for c in candidates if c.status == "passed"]
+    if not passing:
+        return None
+    if config.quantize != "auto":
+        best = passing[0]
+    else:
+        timed = [c for c in passing if c.latency is not None]
+        if timed:
+            fastest = min(c.latency.median_ms for c in timed)
+            close = [c for c in timed if c.latency.median_ms <= fastest * (1 + _LATENCY_TIE)]
+            best = min(close, key=lambda c: c.size_bytes)
+        else:
+            best = min(passing, key=lambda c: c.size_bytes)
+        for cand in passing:
+            if cand is not best:
+                cand.status = "rejected"
+                if cand.latency and best.latency:
+                    cand.reason = (f"passed the gate but {best.mode} is better "
+                                   f"({best.latency.median_ms:.3f} ms, {best.size_bytes:,} B vs {cand.latency.median_ms:.3f} ms, {cand.size_bytes:,} B)")
+                else:
+                    cand.reason = f"passed the gate but {best.mode} is smaller"
+    best.status = "chosen"
+    return best
+
+
+def _check_output_path(output: Path, model: Path) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.exists() and output.is_dir():
+        raise ConfigError(f"Output {output} is a directory; give a file path such as {output / model.name}.")
+    if not parent.is_dir():
+        raise ConfigError(f"Output directory {parent} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"Output directory {parent} is not writable; choose another output path.")
+    if output.resolve() == model.resolve():
+        raise ConfigError("Output path is the input model; write the result to a new file.")

@@ -1,0 +1,74 @@
+"""Terminal rendering of an optimize report (the JSON form is ``OptimizeReport.to_dict``)."""
+
+from __future__ import annotations
+
+from .pipeline import OptimizeReport
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.2f}%"
+
+
+def render(report: OptimizeReport) -> None:
+    """Print the comparison table, decisions and warnings with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import sys
+
+    # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    data = report.to_dict()
+    table = Table(title=f"edgepack optimize — {report.model}", title_justify="left")
+    for column in ("variant", "size", "smaller", "median ms", "p95 ms", "speed", "accuracy", "agree", "max abs err", "cosine", "result"):
+        table.add_column(column, justify="left" if column in ("variant", "result") else "right")
+    orig = data["original"]
+    ref_acc = next((c["numerics"]["reference_accuracy"] for c in data["candidates"] if c["numerics"]), None)
+    lat = orig["latency"]
+    table.add_row(
+        "original fp32", _size(orig["size_bytes"]), "1.00×",
+        f"{lat['median_ms']:.3f}" if lat else "–", f"{lat['p95_ms']:.3f}" if lat else "–", "1.00×",
+        _pct(ref_acc), "–", "–", "–", "reference",
+    )
+    for c in data["candidates"]:
+        n = c["numerics"] or {}
+        lat = c["latency"]
+        speed = c["speedup"]
+        speed_text = "–" if speed is None else (f"[red]{speed:.2f}×[/red]" if speed < 0.9 else f"{speed:.2f}×")
+        status = {"chosen": "[green]chosen[/green]", "passed": "[green]passed[/green]"}.get(c["status"], f"[red]{c['status']}[/red]")
+        table.add_row(
+            "graph-optimized fp32" if c["mode"] == "none" else c["mode"],
+            _size(c["size_bytes"]) if c["size_bytes"] else "–",
+            f"{c['size_ratio']:.2f}×" if c["size_ratio"] else "–",
+            f"{lat['median_ms']:.3f}" if lat else "–",
+            f"{lat['p95_ms']:.3f}" if lat else "–",
+            speed_text,
+            _pct(n.get("accuracy")),
+            _pct(n.get("agreement")),
+            f"{n['max_abs_error']:.3g}" if n else "–",
+            f"{n['cosine']:.5f}" if n else "–",
+            status,
+        )
+    console.print(table)
+    ev = data["evaluation"]
+    console.print(f"Measured on {ev['samples']} samples of {ev['kind']} data ({ev['source']}); gate: {data['gate']}; threads: {data['threads']}.")
+    graph = data["graph"]
+    if graph:
+        removed = ", ".join(f"{op} −{n}" for op, n in sorted(graph["ops_removed"].items())) or "nothing removed"
+        state = "" if graph["applied"] else f" [yellow](not applied: {graph['note']})[/yellow]"
+        console.print(f"Graph: {graph['nodes_before']} → {graph['nodes_after']} nodes ({removed}){state}.")
+    for c in data["candidates"]:
+        if c["reason"]:
+            console.print(f"  {c['mode']}: {c['reason']}")
+    for warning in data["warnings"]:
+        console.print(f"[bold yellow]WARNING:[/bold yellow] {warning}")
+    if report.output:
+        console.print(f"[green]Wrote {report.output}[/green] ({report.chosen}).")
