@@ -18,7 +18,7 @@ import onnx
 
 from .._atomic import atomic_write_bytes
 from ..data import Dataset, open_dataset, random_dataset
-from ..errors import ConfigError, DataError, GateError, ModelError, NotQuantizableError, OptimizationError
+from ..errors import ConfigError, GateError, ModelError, NotQuantizableError, OptimizationError
 from ..modelio import graph_inputs, load_model, runtime_load_error
 from . import gate as gates
 from .evaluate import Latency, Numerics, batch_size_for, compare, measure_latency, session
@@ -212,6 +212,9 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         reference = session(original_bytes, config.threads)
     except Exception as exc:  # noqa: BLE001
         raise runtime_load_error(exc, str(config.model)) from exc
+    if evaluation is not None and config.validation is None and calibration is None \
+            and not _runs_on(reference, evaluation, batch, batch_size_for(inputs, 1), config):
+        evaluation = None  # random inputs the original itself rejects (shapes, index values) verify nothing
 
     with tempfile.TemporaryDirectory(prefix="edgepack-opt-") as tmp:
         work = Path(tmp)
@@ -299,7 +302,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             evaluation={
                 "source": evaluation.source if evaluation else None,
                 "kind": eval_kind,
-                "samples": candidates[-1].numerics.samples if candidates and candidates[-1].numerics else 0,
+                "samples": next((c.numerics.samples for c in candidates if c.numerics is not None), 0),
                 "labels": bool(evaluation is not None and evaluation.labels is not None),
             },
             gate=gate.describe() if gate else "not measured",
@@ -319,6 +322,16 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         atomic_write_bytes(config.output, chosen.model_bytes)
         report.output = str(config.output)
         return report
+
+
+def _runs_on(reference, dataset: Dataset, batch: int, latency_batch: int, config: OptimizeConfig) -> bool:
+    """True when the original model runs every feed that measurement will give it."""
+    try:
+        compare(reference, reference, dataset, batch, config.eval_limit)
+        reference.run(None, dataset.batch(0, latency_batch))
+    except Exception:  # noqa: BLE001 - any failure means the data cannot measure anything
+        return False
+    return True
 
 
 def _compare_or_none(reference, model_bytes: bytes, dataset: Dataset, batch: int, config: OptimizeConfig) -> Numerics | None:
