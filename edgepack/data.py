@@ -155,7 +155,7 @@ def _npz_member(archive: zipfile.ZipFile, npz: np.lib.npyio.NpzFile, key: str, s
     return np.load(target, mmap_mode="r", allow_pickle=False)
 
 
-def _read_npz(path: Path, inputs: Sequence[TensorSpec]) -> Dataset:
+def _read_npz(path: Path, inputs: Sequence[TensorSpec], key: str | None = None, labels_key: str | None = None) -> Dataset:
     source = str(path)
     try:
         npz = np.load(path, allow_pickle=False)
@@ -164,13 +164,20 @@ def _read_npz(path: Path, inputs: Sequence[TensorSpec]) -> Dataset:
         raise DataError(f"{source} is not a readable .npz archive ({exc}); save it with numpy.savez.") from exc
     with npz, archive:
         keys = list(npz.files)
-        label_key = next((k for k in LABEL_KEYS if k in keys), None)
+        if labels_key is not None and labels_key not in keys:
+            label_key = None
+        else:
+            label_key = labels_key or next((k for k in LABEL_KEYS if k in keys), None)
         data_keys = [k for k in keys if k != label_key]
         names = [s.name for s in inputs]
         if not data_keys:
             raise DataError(f"{source} holds no input arrays; add one array per model input ({', '.join(names)}).")
         mapping: dict[str, str] = {}
-        if all(n in data_keys for n in names):
+        if key is not None:
+            if len(inputs) != 1 or key not in data_keys:
+                raise DataError(f"{source} has no array '{key}' (it has {data_keys}); name the array holding the model input.")
+            mapping = {names[0]: key}
+        elif all(n in data_keys for n in names):
             mapping = {n: n for n in names}
         elif len(inputs) == 1 and len(data_keys) == 1:
             mapping = {names[0]: data_keys[0]}
@@ -257,13 +264,17 @@ READERS: list[tuple[Callable[[Path], bool], Callable[[Path, Sequence[TensorSpec]
 ]
 
 
-def open_dataset(path: str | Path, inputs: Sequence[TensorSpec], role: str = "data") -> Dataset:
+def open_dataset(
+    path: str | Path, inputs: Sequence[TensorSpec], role: str = "data", *, key: str | None = None, labels_key: str | None = None
+) -> Dataset:
     """Open calibration or validation data for a model with the given inputs.
 
     Args:
         path: ``.npy``, ``.npz`` or a directory of images.
         inputs: The model's graph inputs.
         role: "calibration" or "validation", used in messages.
+        key: For ``.npz`` and a single-input model, the array holding the input.
+        labels_key: For ``.npz``, the array holding labels (absent: no labels).
 
     Raises:
         DataError: Missing, unreadable, empty, or shaped/typed unlike the model inputs.
@@ -271,6 +282,11 @@ def open_dataset(path: str | Path, inputs: Sequence[TensorSpec], role: str = "da
     p = Path(path)
     if not p.exists():
         raise DataError(f"The {role} data {p} does not exist; check the path.")
+    if key is not None or labels_key is not None:
+        if p.suffix.lower() != ".npz":
+            raise DataError(f"The {role} data {p} must be an .npz file when array names are given.")
+        dataset = _read_npz(p, inputs, key, labels_key)
+        return dataset
     for matches, reader in READERS:
         if matches(p):
             dataset = reader(p, inputs)
@@ -282,6 +298,8 @@ def open_dataset(path: str | Path, inputs: Sequence[TensorSpec], role: str = "da
 
 def random_dataset(inputs: Sequence[TensorSpec], count: int = 8, seed: int = 0) -> Dataset | None:
     """Synthetic samples for models given no data (None when an input cannot be synthesized)."""
+    if not inputs:  # a model without inputs still runs (and is checked) on one empty feed
+        return Dataset("random inputs", 1, lambda _start, _stop: {})
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for spec in inputs:

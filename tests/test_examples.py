@@ -79,12 +79,12 @@ def test_digits_data_layout(val, calib):
     n = len(val["labels"])
     assert val["input"].dtype == np.float32 and val["input"].shape == (n, 1, 8, 8)
     assert val["labels"].dtype == np.int64 and set(np.unique(val["labels"])) == set(range(10))
-    assert val["raw"].dtype == np.uint8 and val["raw"].shape == (n, 8, 8)
+    assert val["raw"].dtype == np.uint8 and val["raw"].shape == (n, 8, 8, 1)
     assert val["indices"].dtype == np.int64 and val["indices"].shape == (n,)
     m = len(calib["indices"])
     assert 150 <= m <= 250
     assert calib["input"].dtype == np.float32 and calib["input"].shape == (m, 1, 8, 8)
-    assert calib["raw"].dtype == np.uint8 and calib["raw"].shape == (m, 8, 8)
+    assert calib["raw"].dtype == np.uint8 and calib["raw"].shape == (m, 8, 8, 1)
     assert calib["indices"].dtype == np.int64
 
 
@@ -92,7 +92,7 @@ def test_digits_data_layout(val, calib):
 def test_digits_input_is_raw_over_16(name, val, calib):
     data = {"val": val, "calib": calib}[name]
     assert data["raw"].max() <= 16
-    expected = data["raw"].astype(np.float32)[:, None] / np.float32(16.0)
+    expected = data["raw"].astype(np.float32)[..., 0][:, None] / np.float32(16.0)
     np.testing.assert_array_equal(data["input"], expected)
 
 
@@ -102,7 +102,7 @@ def test_digits_raw_matches_sklearn_at_indices(val, calib):
 
     digits = load_digits()
     for data in (val, calib):
-        np.testing.assert_array_equal(data["raw"], digits.images[data["indices"]])
+        np.testing.assert_array_equal(data["raw"][..., 0], digits.images[data["indices"]])
     np.testing.assert_array_equal(val["labels"], digits.target[val["indices"]])
 
 

@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.onnx").write_bytes(build_onnx(params).SerializeToString())
     save_npz(out / "val.npz", input=x[splits.val], labels=labels[splits.val],
-             raw=raw[splits.val], indices=splits.val)
-    save_npz(out / "calib.npz", input=x[splits.calib], raw=raw[splits.calib],
+             raw=raw[splits.val][..., None], indices=splits.val)
+    save_npz(out / "calib.npz", input=x[splits.calib], raw=raw[splits.calib][..., None],
              indices=splits.calib)
     print(f"wrote {out / 'model.onnx'}, val.npz ({len(splits.val)}), "
           f"calib.npz ({len(splits.calib)})")
