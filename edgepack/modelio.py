@@ -18,8 +18,9 @@ from .errors import ModelError
 
 # Bigger than any model this tool targets; refusing early beats an out-of-memory kill.
 MAX_MODEL_BYTES = 2 * 1024**3
-# onnxruntime does not load anything older than opset 7.
-MIN_OPSET = 7
+# The ONNX standard starts at opset 1; onnxruntime loads old opsets (it only
+# "guarantees" 7+), so refusing them would reject models that run fine.
+MIN_OPSET = 1
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def max_runtime_opset() -> int:
             return False
         return True
 
-    low, high = MIN_OPSET, max(onnx.defs.onnx_opset_version() + 2, MIN_OPSET)
+    low, high = 7, onnx.defs.onnx_opset_version() + 2
     while low < high:  # largest opset that loads
         mid = (low + high + 1) // 2
         if loads(mid):
@@ -119,8 +120,8 @@ def check_opset(model: onnx.ModelProto, source: str) -> None:
         return
     if opset < MIN_OPSET:
         raise ModelError(
-            f"{source} uses opset {opset}, which is unsupported (onnxruntime needs opset {MIN_OPSET} or newer); "
-            "convert it with onnx.version_converter or re-export it with a newer opset."
+            f"{source} declares opset {opset}, which is unsupported (opsets start at {MIN_OPSET}); "
+            "re-export the model with a valid opset."
         )
     highest = max_runtime_opset()
     if opset > highest:

@@ -35,6 +35,11 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except EdgepackError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        except BrokenPipeError:
+            # `edgepack ... | head` closed the pipe: not an error worth a message.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise fail("interrupted; nothing was written.", 130) from None
         except (typer.Exit, typer.Abort, SystemExit):

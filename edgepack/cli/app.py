@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from . import optimize_cmd
+from . import devices_cmd, optimize_cmd
 
 app = typer.Typer(
     name="edgepack",
@@ -32,6 +32,7 @@ def _root(
 
 
 optimize_cmd.register(app)
+devices_cmd.register(app)
 
 
 def main() -> None:
