@@ -1,8 +1,10 @@
 """edgepack device runtime.
 
 Installable on its own (numpy plus one engine); it never imports ``edgepack``.
-The cache, A/B slots, daemon and OTA client arrive with later work; today it offers
-engine discovery so the workstation and the device agree on what can run.
+
+    import edgepack_runtime
+    model = edgepack_runtime.open("/var/lib/edgepack")
+    outputs = model.predict(raw_image)
 """
 
 from __future__ import annotations
@@ -10,5 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .engines import available_engines
+from .model import Model, RuntimeConfig, install, load, open  # noqa: A004
+from .validate import InputValidationError
 
-__all__ = ["__version__", "available_engines"]
+__all__ = ["InputValidationError", "Model", "RuntimeConfig", "__version__", "available_engines", "install", "load", "open"]

@@ -37,7 +37,7 @@ from .errors import BundleError, EdgepackError, VerificationError
 __all__ = [
     "BundleLimits", "FORMAT_VERSION", "FileEntry", "MANIFEST_NAME", "Manifest", "PublicKey", "SIGNATURE_NAME",
     "canonical_json", "extract_bundle", "key_id_for", "load_public_key", "read_member", "validate_manifest",
-    "verify_bundle",
+    "verify_bundle", "verify_extracted",
 ]
 
 FORMAT_VERSION = 1
@@ -730,3 +730,48 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------- unpacked bundles
+
+
+def verify_extracted(directory: PathLike, trusted_keys: PublicKey | Iterable[PublicKey], limits: BundleLimits = BundleLimits()) -> Manifest:
+    """Re-verify a bundle unpacked by :func:`extract_bundle` (e.g. at every start).
+
+    Checks the signature over the stored ``manifest.json`` and every listed file's
+    size and sha256, so a model corrupted on disk since installation is caught.
+
+    Raises:
+        BundleError: The manifest or signature file is missing or malformed.
+        VerificationError: The signature or a file's hash does not match; the message
+            names the file.
+    """
+    keys = _as_key_list(trusted_keys)
+    root = Path(directory)
+    try:
+        manifest_raw = (root / MANIFEST_NAME).read_bytes()[: limits.max_manifest_size + 1]
+        signature_raw = (root / SIGNATURE_NAME).read_bytes()[: _MAX_SIGNATURE_SIZE + 1]
+    except OSError as exc:
+        raise BundleError(f"The installed bundle in {root} lacks {MANIFEST_NAME} or {SIGNATURE_NAME} ({exc.strerror}); reinstall it.") from exc
+    if len(manifest_raw) > limits.max_manifest_size or len(signature_raw) > _MAX_SIGNATURE_SIZE:
+        raise BundleError(f"The installed bundle in {root} has an oversized manifest or signature; reinstall it.")
+    obj = _parse_canonical_json(manifest_raw, MANIFEST_NAME)
+    problems = validate_manifest(obj)
+    if problems:
+        raise BundleError(f"The installed manifest in {root} is invalid: {'; '.join(problems[:5])}. Reinstall the bundle.")
+    key_id, signature = _parse_signature(signature_raw)
+    key = _check_signature(manifest_raw, key_id, signature, keys)
+    for name, entry in obj["files"].items():
+        target = root / name
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(target, "rb") as fh:
+                for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            raise VerificationError(f"Installed bundle file {name!r} cannot be read ({exc.strerror}); the install is damaged — roll back or reinstall.") from exc
+        if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
+            raise VerificationError(f"Installed bundle file {name!r} does not match its manifest: it was corrupted on disk; roll back or reinstall.")
+    return Manifest(obj, manifest_raw, key.key_id)

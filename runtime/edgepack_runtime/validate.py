@@ -1,0 +1,97 @@
+"""Pure checks of raw input against the manifest's input schema (dtype, shape, range, size)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+
+from .errors import EdgepackError
+
+MAX_INPUT_BYTES = 64 * 1024**2
+
+
+class InputValidationError(EdgepackError):
+    """Raw input does not match the bundle's declared schema (an HTTP 400)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _dims(spec: Mapping[str, Any]) -> List[Any]:
+    return list(spec.get("shape") or [])
+
+
+def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_BYTES) -> np.ndarray:
+    """Return ``value`` as an array of the declared dtype, or raise InputValidationError.
+
+    Lists (from JSON) are converted only when every element fits the dtype exactly;
+    nothing is silently clipped or rounded.
+    """
+    name = spec["name"]
+    dtype = np.dtype(spec["dtype"])
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputValidationError(name, f"is not a rectangular array ({exc})") from None
+        if array.dtype == object:
+            raise InputValidationError(name, "is not a rectangular array of numbers")
+        if array.dtype.kind in "iuf" and dtype.kind in "iu":
+            if array.size and (not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0))):
+                raise InputValidationError(name, f"must hold integers for dtype {dtype}")
+            info = np.iinfo(dtype)
+            if array.size and (array.min() < info.min or array.max() > info.max):
+                raise InputValidationError(name, f"has values outside the {dtype} range {info.min}..{info.max}")
+            array = array.astype(dtype)
+        elif array.dtype.kind in "iuf" and dtype.kind == "f":
+            array = array.astype(dtype)
+        elif array.dtype.kind == "b" and dtype.kind == "b":
+            pass
+    if array.dtype != dtype:
+        raise InputValidationError(name, f"has dtype {array.dtype}, expected {dtype}")
+    if array.nbytes > max_bytes:
+        raise InputValidationError(name, f"is {array.nbytes} bytes, above the {max_bytes}-byte limit")
+    dims = _dims(spec)
+    if dims and array.ndim != len(dims):
+        raise InputValidationError(name, f"has shape {list(array.shape)}, expected {len(dims)} dimensions {dims}")
+    for axis, (want, got) in enumerate(zip(dims, array.shape)):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise InputValidationError(name, f"has shape {list(array.shape)}, expected size {want} on axis {axis} {dims}")
+    if array.size == 0:
+        raise InputValidationError(name, "is empty")
+    size_range = spec.get("size_range")  # images: [[min_h, min_w], [max_h, max_w]] on axes 1, 2
+    if size_range and array.ndim == 4:
+        (min_h, min_w), (max_h, max_w) = size_range
+        h, w = array.shape[1], array.shape[2]
+        if not (min_h <= h <= max_h and min_w <= w <= max_w):
+            raise InputValidationError(name, f"image size {h}x{w} is outside the accepted {min_h}x{min_w}..{max_h}x{max_w}")
+    value_range = spec.get("value_range")
+    if value_range and dtype.kind in "iuf":
+        low, high = value_range
+        if dtype.kind == "f" and not np.all(np.isfinite(array)) and not spec.get("allow_nan"):
+            raise InputValidationError(name, "contains NaN or infinity")
+        finite = array[np.isfinite(array)] if dtype.kind == "f" else array
+        if finite.size and ((low is not None and finite.min() < low) or (high is not None and finite.max() > high)):
+            raise InputValidationError(name, f"has values outside the declared range [{low}, {high}]")
+    return np.ascontiguousarray(array)
+
+
+def check_feed(inputs: List[Mapping[str, Any]], feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    """Validate a whole request: every declared input present, nothing extra."""
+    names = [spec["name"] for spec in inputs]
+    unknown = sorted(set(feed) - set(names))
+    if unknown:
+        raise InputValidationError(unknown[0], f"is not an input of this model (inputs: {', '.join(names)})")
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise InputValidationError(missing[0], "is missing")
+    checked = {spec["name"]: check_input(spec, feed[spec["name"]]) for spec in inputs}
+    batches = {a.shape[0] for a in checked.values() if a.ndim}
+    if len(batches) > 1:
+        raise InputValidationError(names[0], f"inputs disagree on the batch size {sorted(batches)}")
+    return checked
