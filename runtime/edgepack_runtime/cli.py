@@ -1,25 +1,155 @@
-"""``edgepack-runtime`` command line (device side)."""
+"""``edgepack-runtime``: install, status, rollback, verify and serve on the device.
+
+Only this entry point (and the daemon it starts) reads files and the environment;
+everything below it receives typed, frozen config.
+
+Exit codes: 0 success, 1 a verification/self-test failed, 2 bad input or usage.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import List, Optional
 
-from . import __version__, available_engines
+from . import __version__
+from .bundle import load_public_key
+from .cache import DEFAULT_ROOT, Cache, CacheConfig
+from .engines import available_engines
+from .errors import EdgepackError
+
+# Test-only fault injection: the installer SIGKILLs itself when it reaches this step
+# (power-loss tests). Read here, at the entry point, and passed down as a hook.
+FAULT_ENV = "EDGEPACK_RUNTIME_KILL_AT"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _keys(args: argparse.Namespace) -> tuple:
+    paths = [Path(p) for p in (args.key or [])]
+    if not paths:
+        paths = sorted((Path(args.cache) / "keys").glob("*.pub"))
+    if not paths:
+        raise EdgepackError(f"No trusted public key: pass --key PUB or place the publisher's .pub file in {Path(args.cache) / 'keys'}.")
+    return tuple(load_public_key(p) for p in paths)
+
+
+def _config(args: argparse.Namespace):
+    from .model import RuntimeConfig
+
+    prefer = tuple(args.prefer.split(",")) if getattr(args, "prefer", None) else ()
+    return RuntimeConfig(CacheConfig(root=Path(args.cache), trusted_keys=_keys(args), keep=args.keep), prefer=prefer, threads=args.threads)
+
+
+def _fault_hook():
+    target = os.environ.get(FAULT_ENV)
+    if not target:
+        return lambda step: None
+    step_name, _, count = target.partition("#")
+    remaining = [int(count or 1)]
+
+    def hook(step: str) -> None:
+        if step == step_name:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _print(data, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .model import install
+
+    config = _config(args)
+    slot = install(Path(args.bundle), config, fault=_fault_hook(), allow_downgrade=args.allow_downgrade)
+    keys_dir = Path(args.cache) / "keys"
+    if args.key and not keys_dir.exists():
+        # Pin the keys used for the first install, so the device can verify offline later.
+        keys_dir.mkdir(parents=True)
+        for path in args.key:
+            (keys_dir / Path(path).name).write_bytes(Path(path).read_bytes())
+    _print({"installed": slot.name, "version": slot.version, "digest": slot.digest}, args.json)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = Cache(CacheConfig(root=Path(args.cache), trusted_keys=_keys(args))).status()
+    status["engines"] = available_engines()
+    _print(status, args.json)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    slot = Cache(_config(args).cache).rollback()
+    _print({"current": slot.name, "version": slot.version, "digest": slot.digest}, args.json)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .model import load
+
+    model = load(_config(args))
+    _print({"ok": True, **{k: v for k, v in model.info().items() if k != "io"}}, args.json)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import daemon
+
+    return daemon.main_from_args(args, _config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepack-runtime", description="edgepack device runtime.")
     parser.add_argument("--version", action="version", version=f"edgepack-runtime {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("engines", help="List the inference engines installed on this device.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache", default=os.environ.get("EDGEPACK_CACHE", str(DEFAULT_ROOT)), help="Cache directory (default: %(default)s).")
+    common.add_argument("--key", action="append", help="Trusted publisher public key (.pub); repeatable. Default: CACHE/keys/*.pub.")
+    common.add_argument("--keep", type=int, default=3, help="Known-good bundles to keep.")
+    common.add_argument("--threads", type=int, default=1, help="Inference threads.")
+    common.add_argument("--prefer", help="Comma-separated variant ids to prefer, e.g. onnx-int8,onnx-fp32.")
+    common.add_argument("--json", action="store_true", help="Machine-readable output.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("install", parents=[common], help="Verify, self-test and switch to a bundle file (e.g. from a USB stick).")
+    p.add_argument("bundle")
+    p.add_argument("--allow-downgrade", action="store_true", help="Allow installing an older version (an explicit rollback).")
+    p.set_defaults(func=cmd_install)
+    sub.add_parser("status", parents=[common], help="Show slots, known-good bundles and engines.").set_defaults(func=cmd_status)
+    sub.add_parser("rollback", parents=[common], help="Switch back to the previous bundle.").set_defaults(func=cmd_rollback)
+    sub.add_parser("verify", parents=[common], help="Re-verify and self-test the installed model.").set_defaults(func=cmd_verify)
+    p = sub.add_parser("serve", parents=[common], help="Run the local inference daemon.")
+    p.add_argument("--socket", default=None, help="Unix socket path (default: CACHE/edgepack.sock).")
+    p.add_argument("--http", default=None, help="Also listen on HTTP at HOST:PORT (127.0.0.1 only unless --http-any).")
+    p.add_argument("--log-dir", default=None, help="Keep a size-capped prediction log here.")
+    p.add_argument("--log-sample", type=float, default=0.0, help="Share of requests to log (0..1).")
+    p.add_argument("--log-max-mb", type=float, default=64.0, help="Prediction log size cap.")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "engines":
-        print(json.dumps({"engines": available_engines()}))
-        return 0
-    parser.print_help()
-    return 0
+    try:
+        return args.func(args)
+    except EdgepackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc} ({getattr(exc, 'filename', '') or ''}); check the path and permissions.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
