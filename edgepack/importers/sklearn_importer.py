@@ -1,0 +1,202 @@
+"""Fitted scikit-learn estimators and Pipelines, converted to ONNX with skl2onnx.
+
+The estimator is read from a joblib or pickle file. **Unpickling runs code stored in
+the file**, so the path must point at a file you produced or otherwise trust.
+
+Classifiers are converted without skl2onnx's ZipMap, so outputs are plain tensors:
+``label`` [N] and ``probabilities`` [N, classes]. The converted graph is run on
+random inputs and compared with ``predict_proba`` / ``predict`` / ``transform``.
+
+scikit-learn and skl2onnx are imported inside the importer (the ``sklearn`` extra).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, ModelError
+from ..modelio import parse_model
+from ._common import (
+    first_line, max_abs_diff, merge_opset_imports, onnx_session, read_source_file, require_extra, run_session,
+    source_file, tolerance,
+)
+from .base import ImportedModel, SklearnSource
+
+# Largest accepted |onnx - sklearn| for outputs within [-1, 1]; scaled up for larger outputs.
+ATOL = 1e-4
+# Random rows the converted model is checked on.
+CHECK_ROWS = 64
+# Rows whose two top probabilities are closer than this may pick either label.
+TIE_MARGIN = 1e-4
+
+
+def _require() -> tuple[Any, Any]:
+    sklearn = require_extra("sklearn", "scikit-learn", "sklearn")
+    skl2onnx = require_extra("skl2onnx", "skl2onnx", "sklearn")
+    return sklearn, skl2onnx
+
+
+def _load(source: SklearnSource) -> tuple[Any, bytes]:
+    import joblib  # a dependency of scikit-learn; reads plain pickles as well
+
+    data = read_source_file(source.path, "Model file")
+    try:
+        return joblib.load(io.BytesIO(data)), data
+    except Exception as exc:  # noqa: BLE001 - unpickling a foreign file can raise anything
+        raise ModelError(
+            f"{source.path} could not be unpickled ({type(exc).__name__}: {first_line(exc, 160)}); save the fitted "
+            "estimator with joblib.dump(model, path) using the scikit-learn version installed here."
+        ) from exc
+
+
+def _final_estimator(estimator: Any) -> Any:
+    from sklearn.pipeline import Pipeline
+
+    while isinstance(estimator, Pipeline):
+        estimator = estimator.steps[-1][1]
+    return estimator
+
+
+def _describe(estimator: Any) -> str:
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        return f"Pipeline({', '.join(_describe(step) for _, step in estimator.steps)})"
+    return type(estimator).__name__
+
+
+def _check_estimator(estimator: Any, source: SklearnSource) -> int:
+    """Refuse objects that are not fitted estimators; return the number of input columns."""
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    if not (hasattr(estimator, "predict") or hasattr(estimator, "transform")) or not hasattr(estimator, "fit"):
+        raise ModelError(
+            f"{source.path} holds a {type(estimator).__name__}, not a scikit-learn estimator or Pipeline; "
+            "save the fitted model object itself with joblib.dump(model, path)."
+        )
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError as exc:
+        raise ModelError(f"The {_describe(estimator)} in {source.path} is not fitted; fit it before saving it.") from exc
+    fitted = getattr(estimator, "n_features_in_", None)
+    if source.n_features is not None and fitted is not None and source.n_features != fitted:
+        raise ConfigError(f"model.n_features is {source.n_features} but the estimator in {source.path} was fitted on {fitted} features; fix model.n_features or remove it.")
+    n_features = source.n_features or fitted
+    if n_features is None:
+        raise ConfigError(f"The estimator in {source.path} does not record its number of input features; set model.n_features.")
+    return int(n_features)
+
+
+def _convert(skl2onnx: Any, estimator: Any, n_features: int, source: SklearnSource) -> Any:
+    from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
+    from sklearn.base import is_classifier
+
+    final = _final_estimator(estimator)
+    options = {id(final): {"zipmap": False}} if is_classifier(final) else None
+    try:
+        return skl2onnx.convert_sklearn(
+            estimator, initial_types=[(source.input_name, FloatTensorType([None, n_features]))],
+            options=options, target_opset=source.opset,
+        )
+    except (MissingConverter, MissingShapeCalculator) as exc:
+        raise ModelError(
+            f"skl2onnx cannot convert the {_describe(estimator)} in {source.path}: it has no converter for one of its "
+            f"steps ({first_line(exc, 200)}); replace that step with a supported estimator."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - converters raise many types
+        raise ModelError(
+            f"skl2onnx could not convert the {_describe(estimator)} in {source.path} to ONNX opset {source.opset} "
+            f"({type(exc).__name__}: {first_line(exc)}); try another model.opset or a simpler pipeline."
+        ) from exc
+
+
+def _same_labels(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    expected, actual = np.asarray(expected).reshape(-1), np.asarray(actual).reshape(-1)
+    if expected.dtype.kind in "biuf" and actual.dtype.kind in "biuf":
+        return expected.astype(np.float64) == actual.astype(np.float64)
+    return expected.astype(str) == actual.astype(str)
+
+
+def _reference(estimator: Any, method: str, x: np.ndarray) -> np.ndarray:
+    try:
+        return np.asarray(getattr(estimator, method)(x))
+    except Exception as exc:  # noqa: BLE001 - user estimators can raise anything
+        raise ModelError(f"The estimator's own {method}() fails on random input ({type(exc).__name__}: {first_line(exc)}); it cannot be checked.") from exc
+
+
+def _verify(session: Any, estimator: Any, n_features: int, source: SklearnSource) -> None:
+    """Refuse the conversion unless ONNX matches scikit-learn on random inputs."""
+    from sklearn.base import is_classifier
+
+    x = np.random.default_rng(0).standard_normal((CHECK_ROWS, n_features)).astype(np.float32)
+    got = run_session(session, {source.input_name: x}, f"The ONNX conversion of {source.path} cannot run")
+
+    def refuse(what: str, detail: str) -> ModelError:
+        return ModelError(
+            f"Converting {_describe(estimator)} from {source.path} with skl2onnx changed the numbers: {what} {detail} "
+            "on random inputs; the pipeline uses an option skl2onnx does not reproduce, so simplify it or use kind: onnx."
+        )
+
+    def compare(what: str, want: np.ndarray, have: np.ndarray) -> None:
+        diff, tol = max_abs_diff(want, have), tolerance(want, ATOL)
+        if not diff <= tol:
+            raise refuse(what, f"differ by up to {diff:.3g} (tolerance {tol:.1g})")
+
+    if is_classifier(_final_estimator(estimator)):
+        labels = _reference(estimator, "predict", x)
+        rows = np.ones(len(x), dtype=bool)
+        if hasattr(estimator, "predict_proba") and len(got) > 1:
+            proba = _reference(estimator, "predict_proba", x)
+            compare("probabilities", proba, got[1])
+            top2 = np.sort(proba, axis=1)[:, -2:] if proba.ndim == 2 and proba.shape[1] > 1 else None
+            if top2 is not None:
+                rows = top2[:, 1] - top2[:, 0] > TIE_MARGIN
+        same = _same_labels(labels, got[0]) if labels.size == got[0].size else np.zeros(len(x), dtype=bool)
+        if not same.reshape(len(x), -1).all(axis=1)[rows].all():
+            raise refuse("predicted labels", f"differ on {int((~same.reshape(len(x), -1).all(axis=1))[rows].sum())} of {len(x)} rows")
+    elif hasattr(estimator, "predict"):
+        compare("predictions", _reference(estimator, "predict", x), got[0])
+    else:
+        compare("transformed values", _reference(estimator, "transform", x), got[0])
+
+
+class SklearnImporter:
+    """Unpickles a fitted estimator, converts it with skl2onnx and verifies the numbers."""
+
+    kind = "sklearn"
+    source_type = SklearnSource
+
+    def import_model(self, source: SklearnSource) -> ImportedModel:
+        """Convert a pickled scikit-learn estimator or Pipeline to ONNX.
+
+        The file is unpickled, which runs code stored in it: only import trusted files.
+
+        Raises:
+            MissingExtraError: scikit-learn or skl2onnx is not installed.
+            ConfigError: ``model.n_features`` is missing or disagrees with the estimator.
+            ModelError: The file is not a fitted estimator, skl2onnx cannot convert it, or
+                the conversion changes the numbers.
+        """
+        _, skl2onnx = _require()
+        estimator, data = _load(source)
+        n_features = _check_estimator(estimator, source)
+        converted = _convert(skl2onnx, estimator, n_features, source)
+        merge_opset_imports(converted)
+        serialized = converted.SerializeToString()
+        label = f"ONNX conversion of {source.path}"
+        model = parse_model(serialized, label, check=True)
+        _verify(onnx_session(serialized, label), estimator, n_features, source)
+        return ImportedModel(
+            kind="onnx",
+            description=(
+                f"scikit-learn {_describe(estimator)} from {source.path.name}, converted to ONNX opset {source.opset} "
+                f"by skl2onnx {skl2onnx.__version__}"
+            ),
+            source_files=(source_file("model", source.path, data),),
+            model=model,
+        )
