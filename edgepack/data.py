@@ -165,9 +165,8 @@ def _read_npz(path: Path, inputs: Sequence[TensorSpec], key: str | None = None, 
     with npz, archive:
         keys = list(npz.files)
         if labels_key is not None and labels_key not in keys:
-            label_key = None
-        else:
-            label_key = labels_key or next((k for k in LABEL_KEYS if k in keys), None)
+            raise DataError(f"{source} has no labels array '{labels_key}' (it has {keys}); fix the name or add the labels.")
+        label_key = labels_key or next((k for k in LABEL_KEYS if k in keys), None)
         data_keys = [k for k in keys if k != label_key]
         names = [s.name for s in inputs]
         if not data_keys:

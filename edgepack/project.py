@@ -29,7 +29,7 @@ class DataRef:
 
     path: Path
     key: str = "raw"
-    labels: str | None = "labels"
+    labels: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Project:
     version: str
     description: str
     model: dict[str, Any]
-    preprocess: dict[str, Any]
+    preprocess: dict[str, Any]  # preprocess_from_dict form: {"kind": "image"|"tabular", **fields}
     postprocess: dict[str, Any] | None
     fold_normalization: bool
     calibration: DataRef
@@ -183,8 +183,11 @@ def validate_project(data: Any) -> list[str]:
         else:
             from .preprocess import preprocess_from_dict
 
+            section = inp[kinds[0]]
             try:
-                preprocess_from_dict({kinds[0]: inp[kinds[0]]})
+                if not isinstance(section, dict):
+                    raise ConfigError(f"must be a mapping of {kinds[0]} preprocessing fields")
+                preprocess_from_dict({"kind": kinds[0], **section}).validate()
             except ConfigError as exc:
                 for line in str(exc).splitlines()[1:] or [str(exc)]:
                     problems.append(f"input.{kinds[0]}: {line.strip().lstrip('- ')}")
@@ -198,8 +201,11 @@ def validate_project(data: Any) -> list[str]:
     out = _section(data, "output", "", problems, required=False)
     if out:
         _unknown("output", out, "output", problems)
-        if "labels" in out and not (isinstance(out["labels"], list) and all(isinstance(x, (str, int)) for x in out["labels"])):
-            problems.append("output.labels: must be a list of class names")
+        if "labels" in out and not (
+            isinstance(out["labels"], list) and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in out["labels"])
+        ):
+            # YAML reads bare yes/no/on/off as booleans: make the user quote them.
+            problems.append("output.labels: must be a list of class names (quote names such as \"no\" or \"yes\")")
         if "top_k" in out and (isinstance(out["top_k"], bool) or not isinstance(out["top_k"], int) or out["top_k"] < 1):
             problems.append(f"output.top_k: must be a positive integer, got {out['top_k']!r}")
         if "softmax" in out and not isinstance(out["softmax"], bool):
@@ -279,10 +285,34 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"Project file {path} is not valid YAML{where}: {problem}; fix the syntax and retry.") from exc
 
 
-def _ref(base: Path, value: Any, default_labels: str | None) -> DataRef:
+def _ref(base: Path, value: Any) -> DataRef:
+    # Labels not named: use a 'labels'/'y' array when the file has one.
     if isinstance(value, str):
-        return DataRef(base / value, "raw", default_labels)
-    return DataRef(base / value["path"], value.get("key", "raw"), value.get("labels", default_labels))
+        return DataRef(base / value, "raw", None)
+    return DataRef(base / value["path"], value.get("key", "raw"), value.get("labels"))
+
+
+def _missing_files(data: dict, base: Path) -> list[str]:
+    """Referenced files that do not exist (checked for every field that is a path string)."""
+    def get(*keys: str) -> Any:
+        node: Any = data
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    files = {"model.path": get("model", "path"), "model.weights": get("model", "weights"), "signing.key": get("signing", "key")}
+    for key in ("calibration", "validation"):
+        ref = get("data", key)
+        files[f"data.{key}"] = ref.get("path") if isinstance(ref, dict) else ref
+    problems = []
+    for field_path, rel in files.items():
+        if isinstance(rel, str) and not (base / rel).exists():
+            hint = ""
+            if field_path == "signing.key":
+                key = base / rel
+                hint = f"; create it with `edgepack keys generate --dir {key.parent} --name {key.stem}` and keep it out of version control"
+            problems.append(f"{field_path}: file {base / rel} does not exist{hint}")
+    return problems
 
 
 def load_project(path: str | Path) -> Project:
@@ -295,16 +325,8 @@ def load_project(path: str | Path) -> Project:
     data = _read_yaml(path)
     problems = validate_project(data)
     base = path.parent
-    if not problems:
-        files = {"model.path": data["model"].get("path"), "signing.key": data["signing"]["key"]}
-        for key in ("calibration", "validation"):
-            ref = data["data"][key]
-            files[f"data.{key}"] = ref if isinstance(ref, str) else ref["path"]
-        if data["model"].get("weights"):
-            files["model.weights"] = data["model"]["weights"]
-        for field_path, rel in files.items():
-            if rel is not None and not (base / rel).exists():
-                problems.append(f"{field_path}: file {base / rel} does not exist")
+    if isinstance(data, dict):
+        problems += _missing_files(data, base)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"Project file {path} has {len(problems)} problem(s); fix them and retry:\n{listing}")
@@ -319,11 +341,11 @@ def load_project(path: str | Path) -> Project:
         version=data["version"],
         description=data.get("description", ""),
         model={**data["model"], "kind": data["model"].get("kind", "onnx")},
-        preprocess={kind: inp[kind]},
+        preprocess={"kind": kind, **inp[kind]},
         postprocess=out,
         fold_normalization=inp.get("fold_normalization", True),
-        calibration=_ref(base, data["data"]["calibration"], None),
-        validation=_ref(base, data["data"]["validation"], "labels"),
+        calibration=_ref(base, data["data"]["calibration"]),
+        validation=_ref(base, data["data"]["validation"]),
         golden_vectors=data["data"].get("golden_vectors", 8),
         targets=tuple(Target(t["device"], tuple(t["variants"])) for t in data["targets"]),
         per_channel=quant.get("per_channel", True),

@@ -37,12 +37,14 @@ class QuantOptions:
         calibration_method: minmax, entropy or percentile (static only).
         calibration_batch: Samples per calibration inference.
         calibration_limit: Use at most this many calibration samples (None: all).
+        exclude_nodes: Node names to keep in float (e.g. post-processing).
     """
 
     per_channel: bool = False
     calibration_method: str = "minmax"
     calibration_batch: int = 1
     calibration_limit: int | None = None
+    exclude_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def _static(src: Path, dst: Path, options: QuantOptions, calibration: Dataset | 
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[options.calibration_method],
+            nodes_to_exclude=list(options.exclude_nodes),
             extra_options={"CalibStridedMinMax": CALIBRATION_CHUNK},
         )
 
@@ -142,7 +145,8 @@ def _dynamic(src: Path, dst: Path, options: QuantOptions, calibration: Dataset |
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_logging():
-        quantize_dynamic(str(src), str(dst), per_channel=options.per_channel, weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), per_channel=options.per_channel, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=list(options.exclude_nodes))
 
 
 def _fp16(src: Path, dst: Path, options: QuantOptions, calibration: Dataset | None) -> None:

@@ -152,7 +152,11 @@ class ImagePreprocess:
         """Model-input ``(height, width)`` when it does not depend on the raw size."""
         if self.center_crop is not None:
             return self.center_crop
-        return self.resize
+        if self.resize is not None:
+            return self.resize
+        if self.resize_shorter is None and tuple(self.min_size) == tuple(self.max_size):
+            return tuple(self.min_size)  # fixed raw size, nothing rescales it
+        return None
 
     def validate(self, *, raise_errors: bool = True) -> list[str]:
         """Check the spec on its own.

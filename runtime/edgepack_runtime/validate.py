@@ -64,9 +64,9 @@ def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_
             raise InputValidationError(name, f"has shape {list(array.shape)}, expected size {want} on axis {axis} {dims}")
     if array.size == 0:
         raise InputValidationError(name, "is empty")
-    size_range = spec.get("size_range")  # images: [[min_h, min_w], [max_h, max_w]] on axes 1, 2
-    if size_range and array.ndim == 4:
-        (min_h, min_w), (max_h, max_w) = size_range
+    size_range = spec.get("size_range")  # images: {"min": [h, w], "max": [h, w]} on NHWC axes 1, 2
+    if isinstance(size_range, Mapping) and array.ndim == 4:
+        (min_h, min_w), (max_h, max_w) = size_range["min"], size_range["max"]
         h, w = array.shape[1], array.shape[2]
         if not (min_h <= h <= max_h and min_w <= w <= max_w):
             raise InputValidationError(name, f"image size {h}x{w} is outside the accepted {min_h}x{min_w}..{max_h}x{max_w}")

@@ -1,0 +1,107 @@
+"""Golden vectors: known raw inputs and each variant's outputs, checked on every host.
+
+``golden/vectors.npz`` holds the first N raw validation inputs (``input:NAME``) and
+every variant's outputs on them (``output:VARIANT:NAME``). It is written with a fixed
+zip timestamp and sorted entries, so the same arrays always give the same bytes
+(``np.savez`` stamps the current time into the zip).
+
+Tolerance rule (per variant and float output, absolute)::
+
+    atol = max(1e-4 * max|golden output|, 0.5 * max_abs_error(variant vs fp32 on validation))
+
+The first term absorbs float rounding differences between CPUs/BLAS builds; the
+second scales the allowance with how far the variant already is from the float
+model (an int8 variant's outputs move by a quantization step when a different
+kernel rounds differently). Integer outputs (class ids, top-k indices) must match
+exactly (atol 0).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["RELATIVE_FLOOR", "ERROR_SHARE", "check_golden", "read_npz", "tolerance", "write_npz"]
+
+#: Share of the largest golden output magnitude always allowed.
+RELATIVE_FLOOR = 1e-4
+#: Share of the variant's max abs error vs fp32 (on validation) allowed.
+ERROR_SHARE = 0.5
+RULE = "atol = max(1e-4 * max|output|, 0.5 * variant max_abs_error vs fp32 on validation); integer outputs exact"
+
+_FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def write_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Deterministic ``.npz`` bytes (stored, fixed timestamps, sorted entries), loadable by ``np.load``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            info = zipfile.ZipInfo(key + ".npy", date_time=_FIXED_DATE)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` given as bytes."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def tolerance(output: np.ndarray, max_abs_error: float) -> float:
+    """Absolute tolerance of one golden output (see the module docstring)."""
+    output = np.asarray(output)
+    if output.dtype.kind not in "fc":
+        return 0.0
+    finite = output[np.isfinite(output)]
+    peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+    error = max_abs_error if np.isfinite(max_abs_error) else 0.0
+    return float(max(RELATIVE_FLOOR * peak, ERROR_SHARE * error))
+
+
+def input_key(name: str) -> str:
+    return f"input:{name}"
+
+
+def output_key(variant: str, name: str) -> str:
+    return f"output:{variant}:{name}"
+
+
+def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float]) -> list[str]:
+    """Run ``sess`` on the golden inputs; describe every output outside its tolerance."""
+    feed = {i.name: arrays[input_key(i.name)] for i in sess.get_inputs() if input_key(i.name) in arrays}
+    missing = [i.name for i in sess.get_inputs() if input_key(i.name) not in arrays]
+    if missing:
+        return [f"{variant}: golden vectors have no input {', '.join(missing)}"]
+    names = [o.name for o in sess.get_outputs()]
+    outputs = sess.run(None, feed)
+    problems = []
+    for name, got in zip(names, outputs):
+        key = output_key(variant, name)
+        if key not in arrays:
+            problems.append(f"{variant}: golden vectors have no expected output {name!r}")
+            continue
+        want = arrays[key]
+        got = np.asarray(got)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            problems.append(f"{variant}: output {name!r} is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
+            continue
+        atol = float(tolerances.get(name, 0.0))
+        if want.dtype.kind in "fc":
+            same_nan = np.array_equal(np.isnan(want), np.isnan(got))
+            diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+            diff = np.where(np.isnan(diff), 0.0, diff)
+            err = float(np.max(diff)) if diff.size else 0.0
+            if not same_nan or err > atol:
+                problems.append(f"{variant}: output {name!r} differs from the golden vectors by {err:.3g} (tolerance {atol:.3g})")
+        elif not np.array_equal(want, got):
+            problems.append(f"{variant}: output {name!r} differs from the golden vectors (integer outputs must match exactly)")
+    return problems

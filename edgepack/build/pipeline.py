@@ -1,0 +1,611 @@
+"""``edgepack build``: a project file and a trained model become one signed bundle.
+
+Steps (each an existing edgepack piece, composed here):
+
+1. :func:`edgepack.project.load_project` (every schema problem at once), device ids
+   checked against the device profiles, the signing key loaded up front.
+2. Import the model, embed the declared preprocessing (+ post-processing) so devices
+   feed RAW input, fold the input normalization into the first layer when declared.
+3. Variants: ``fp32`` = :func:`optimize_graph` of that model; ``int8`` = static QDQ
+   quantization calibrated on raw calibration inputs; ``fp16`` = fp16 conversion.
+   Quantization always runs after embedding, so the bundle's models are end to end.
+4. Every variant is measured END TO END FROM RAW INPUTS against the embedded fp32
+   model on the validation data (accuracy, agreement, max abs error, size, latency).
+5. Gates (and ``--baseline``: champion/challenger on the same validation data). Any
+   failure raises :class:`GateError` and nothing is written.
+6. Golden vectors, reference statistics, manifest, :func:`write_bundle`.
+
+Determinism: the bundle holds no timestamps and no wall-clock numbers; latencies go
+to the side report ``NAME-VERSION.build.json`` and the manifest records only the
+latency gate's threshold and verdict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError, GateError
+from . import golden as golden_mod
+from . import stats as stats_mod
+from .manifest import (
+    ENGINE,
+    FORMAT_VERSION,
+    MIN_RUNTIME,
+    file_sha256,
+    git_commit,
+    jsonable,
+    resolved_config,
+    tensor_schema,
+    variant_file,
+    variant_id,
+)
+
+__all__ = ["BuildResult", "VariantResult", "build"]
+
+GOLDEN_FILE = "golden/vectors.npz"
+STATS_FILE = "stats/reference.json"
+THREADS = 1
+LATENCY_RUNS = 30
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclass
+class VariantResult:
+    """One built variant and what was measured about it."""
+
+    variant: str
+    model_bytes: bytes = field(repr=False)
+    numerics: Any = None
+    latency: Any = None
+    failures: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    audit: Any = None
+
+    @property
+    def id(self) -> str:
+        return variant_id(self.variant)
+
+    @property
+    def file(self) -> str:
+        return variant_file(self.variant)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.model_bytes)
+
+
+@dataclass
+class BuildResult:
+    """What ``build`` produced: the bundle (None when a gate failed) and the report."""
+
+    bundle: Path | None
+    report_path: Path | None
+    manifest: dict | None
+    report: dict
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _pre_dict(data: dict) -> dict:
+    """A preprocessing mapping in ``preprocess_from_dict`` form (``kind`` + fields).
+
+    ``Project.preprocess`` is the project-file form ``{"image": {...}}``; accept both.
+    """
+    if "kind" not in data and len(data) == 1 and next(iter(data)) in ("image", "tabular"):
+        kind, fields = next(iter(data.items()))
+        return {"kind": kind, **(fields or {})}
+    return dict(data)
+
+
+def _load(project_path: Path):
+    from ..project import load_project
+
+    return load_project(project_path)
+
+
+def _check_devices(project) -> None:
+    try:
+        from ..devices import get_profile
+    except ImportError:  # device profiles are optional
+        return
+    problems = []
+    for index, target in enumerate(project.targets):
+        try:
+            profile = get_profile(target.device)
+        except ConfigError as exc:
+            problems.append(f"targets[{index}].device: {exc}")
+            continue
+        engines = getattr(profile, "engines", None)
+        if engines and ENGINE not in engines:
+            problems.append(f"targets[{index}].device: {target.device} does not run {ENGINE} (engines: {', '.join(engines)})")
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"Project file {project.path} has {len(problems)} problem(s); fix them and retry:\n{listing}")
+
+
+def _import_model(project) -> tuple[Any, dict]:
+    """The trained model as ONNX, and its lineage entry (kind, files with sha256, description).
+
+    Uses :mod:`edgepack.importers` when present (every model kind); otherwise only
+    ``kind: onnx`` through :func:`load_model`.
+    """
+    from ..modelio import load_model
+
+    kind = project.model["kind"]
+    base = project.path.parent
+    try:
+        from ..importers import import_model, source_from_config
+    except ImportError:
+        import_model = None
+    if import_model is None:
+        if kind != "onnx":
+            raise ConfigError(f"model.kind: {kind!r} models need edgepack's importers, which are not installed; "
+                              "export the model to ONNX and set kind: onnx.")
+        path = base / project.model["path"]
+        return load_model(path), {"kind": kind, "file": project.model["path"], "sha256": file_sha256(path),
+                                  "description": f"ONNX model {path.name}"}
+    imported = import_model(kind, source_from_config(project.model, base_dir=base))
+    if imported.kind != "onnx" or imported.model is None:
+        raise ConfigError(f"model.kind: {kind!r} imports as {imported.kind}, but edgepack build packages ONNX models "
+                          "for onnxruntime only; use an ONNX, PyTorch or scikit-learn model.")
+    files = [{"role": f.role, "file": _relative(f.path, base), "sha256": f.sha256} for f in imported.source_files]
+    return imported.model, {"kind": kind, "file": project.model.get("path"), "sha256": imported.source_sha256,
+                            "description": imported.description, "files": files}
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _datasets(project, inputs, pre, raw_name: str):
+    from ..data import open_dataset
+    from ..preprocess import check_raw_input
+
+    opened = {}
+    for role, ref in (("calibration", project.calibration), ("validation", project.validation)):
+        try:
+            opened[role] = open_dataset(ref.path, inputs, role, key=ref.key, labels_key=ref.labels)
+        except DataError as exc:
+            raise DataError(f"data.{role}: {exc}") from exc
+    cal, val = opened["calibration"], opened["validation"]
+    for role, ds in (("calibration", cal), ("validation", val)):
+        for start, feed in ds.batches(256):
+            try:
+                check_raw_input(pre, feed[raw_name])
+            except DataError as exc:
+                raise DataError(f"The {role} data {ds.source} (samples from {start}) is not valid raw input: {exc}") from None
+    return cal, val
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _fixed_batch(sess) -> int | None:
+    for i in sess.get_inputs():
+        if i.shape and isinstance(i.shape[0], int):
+            return i.shape[0]
+    return None
+
+
+def _run(sess, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a feed of any row count, in chunks when the model fixes its batch size."""
+    fixed = _fixed_batch(sess)
+    rows = next(iter(feed.values())).shape[0]
+    if fixed is None or fixed == rows:
+        return [np.asarray(o) for o in sess.run(None, feed)]
+    parts = [sess.run(None, {k: v[s:s + fixed] for k, v in feed.items()}) for s in range(0, rows - rows % fixed, fixed)]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else []
+
+
+def _collect(sess, dataset, batch: int, limit: int) -> list[np.ndarray]:
+    chunks: list[list[np.ndarray]] = []
+    for _start, feed in dataset.batches(batch, limit):
+        chunks.append(_run(sess, feed))
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _session(model_bytes: bytes, what: str):
+    from ..modelio import runtime_load_error
+    from ..optimize.evaluate import session
+
+    try:
+        return session(model_bytes, THREADS)
+    except Exception as exc:  # noqa: BLE001 - translated
+        raise runtime_load_error(exc, what) from exc
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _variants(project, fp32_bytes: bytes, calibration, batch: int, progress: Progress, warnings: list[str]) -> dict[str, VariantResult]:
+    import onnx
+
+    from ..optimize.quantize import QuantOptions, quantize
+
+    out: dict[str, VariantResult] = {}
+    with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        src.write_bytes(fp32_bytes)
+        for variant in project.variants:
+            devices = [t.device for t in project.targets if variant in t.variants]
+            if variant == "fp32":
+                out[variant] = VariantResult(variant, fp32_bytes, devices=devices)
+                continue
+            progress(f"Quantizing ({variant})")
+            dst = Path(tmp) / f"{variant}.onnx"
+            mode = "static" if variant == "int8" else "fp16"
+            # Post-processing (softmax, top-k) stays float: quantized probabilities
+            # lose the confidence resolution monitoring and thresholds rely on.
+            post_nodes = tuple(n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("post/"))
+            options = QuantOptions(per_channel=project.per_channel, calibration_method=project.calibration_method,
+                                   calibration_batch=batch, exclude_nodes=post_nodes)
+            audit = quantize(mode, src, dst, options, calibration if mode == "static" else None)
+            if audit.left_float:
+                warnings.append(f"{variant}: {len(audit.left_float)} of {audit.weights_total} weight ops stayed float: "
+                                + ", ".join(audit.left_float[:5]))
+            out[variant] = VariantResult(variant, dst.read_bytes(), devices=devices, audit=audit)
+    return out
+
+
+def _gate_failures(project, result: VariantResult) -> list[str]:
+    from ..optimize.gate import Gate, check
+
+    g = project.gates
+    n = result.numerics
+    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop, min_agreement=g.min_agreement), n)
+    if g.min_accuracy is not None:
+        if n.accuracy is None:
+            failures.append("min_accuracy cannot be measured: the validation data has no labels or the output is not class scores")
+        elif n.accuracy < g.min_accuracy - 1e-12:
+            failures.append(f"accuracy {n.accuracy * 100:.2f}% is below min_accuracy {g.min_accuracy * 100:.2f}%")
+    if g.max_size_bytes is not None and result.size_bytes > g.max_size_bytes:
+        failures.append(f"size {result.size_bytes:,} B is above max_size_mb {g.max_size_bytes / 1e6:g} MB ({g.max_size_bytes:,} B)")
+    if g.max_latency_ms is not None and result.latency is not None and result.latency.median_ms > g.max_latency_ms:
+        failures.append(f"median latency {result.latency.median_ms:.3f} ms on this host is above max_latency_ms {g.max_latency_ms:g} ms")
+    return failures
+
+
+def _baseline(path: Path, project, batch: int) -> dict:
+    """Verify the old bundle with our own public key and measure its fp32 accuracy on our validation data."""
+    from ..bundle import extract_bundle, load_private_key, public_key_of
+    from ..data import open_dataset
+    from ..modelio import graph_inputs, load_model
+    from ..optimize.evaluate import compare
+
+    public = public_key_of(load_private_key(project.signing_key))
+    with tempfile.TemporaryDirectory(prefix="edgepack-baseline-") as tmp:
+        root = Path(tmp) / "baseline"
+        manifest = extract_bundle(path, root, public)
+        variants = manifest.variants
+        chosen = next((v for v in variants if v.get("precision") == "fp32"), variants[0] if variants else None)
+        if chosen is None:
+            raise ConfigError(f"Baseline bundle {path} has no model variant to compare against.")
+        model_path = root / chosen["file"]
+        model = load_model(model_path)
+        inputs = graph_inputs(model)
+        dataset = open_dataset(project.validation.path, inputs, "validation",
+                               key=project.validation.key, labels_key=project.validation.labels)
+        sess = _session(model_path.read_bytes(), f"baseline {chosen['file']}")
+        try:
+            numerics = compare(sess, sess, dataset, batch)
+        except Exception as exc:  # noqa: BLE001 - different inputs than the validation data
+            raise DataError(f"The baseline bundle {path} ({manifest.name} {manifest.version}) cannot run the validation "
+                            f"data ({str(exc).splitlines()[0][:200]}); a baseline must take the same raw input.") from exc
+    if numerics.accuracy is None:
+        raise DataError(f"--baseline needs labelled validation data to compare accuracy, but {project.validation.path} "
+                        "has no labels; add labels or drop --baseline.")
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "variant": chosen.get("id"),
+        "manifest_sha256": hashlib.sha256(manifest.raw).hexdigest(),
+        "accuracy": numerics.accuracy,
+        "samples": numerics.samples,
+    }
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _io_schema(embedded, pre, post, val_raw: dict[str, np.ndarray], fp32_outputs: list[np.ndarray]) -> dict:
+    from ..modelio import graph_inputs, graph_outputs
+
+    inputs = []
+    for spec in graph_inputs(embedded):
+        raw = val_raw.get(spec.name)
+        if spec.dtype is not None and spec.dtype.kind in "iu":
+            info = np.iinfo(spec.dtype)
+            value_range = [int(info.min), int(info.max)]
+        elif raw is not None and np.isfinite(raw).any():
+            value_range = [float(np.nanmin(raw)), float(np.nanmax(raw))]
+        else:
+            value_range = None
+        extra: dict[str, Any] = {"preprocess": pre.to_dict()}
+        if pre.to_dict().get("kind") == "image":
+            extra["layout"] = "NHWC"
+            extra["size_range"] = {"min": list(pre.min_size), "max": list(pre.max_size)}
+            if spec.shape is not None and len(spec.shape) == 4 and tuple(pre.min_size) == tuple(pre.max_size):
+                from dataclasses import replace
+
+                spec = replace(spec, shape=(spec.shape[0], *pre.min_size, spec.shape[3]))
+        else:
+            extra["columns"] = list(pre.raw_columns)
+        inputs.append(tensor_schema(spec, value_range, **extra))
+    outputs = []
+    labels = list(post.labels) if post is not None and post.labels else None
+    for index, spec in enumerate(graph_outputs(embedded)):
+        values = fp32_outputs[index] if index < len(fp32_outputs) else None
+        extra = {}
+        if spec.name == "scores" and post is not None and post.softmax:
+            value_range: list | None = [0.0, 1.0]
+            extra["meaning"] = "class probabilities (softmax)"
+        elif spec.name == "top_k_indices":
+            value_range = [0, (len(labels) - 1) if labels else None]
+            extra["meaning"] = "class indices, best first"
+        elif values is not None and values.size and values.dtype.kind in "fiu":
+            value_range = [float(np.nanmin(values)), float(np.nanmax(values))]
+            extra["value_range_observed"] = True
+        else:
+            value_range = None
+        if labels and (index == 0 or spec.name == "top_k_indices"):
+            extra["labels"] = labels
+        outputs.append(tensor_schema(spec, value_range, **extra))
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _numerics_dict(n) -> dict | None:
+    if n is None:
+        return None
+    return jsonable({k: getattr(n, k) for k in n.__dataclass_fields__})
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build(project_path: str | Path, baseline: str | Path | None = None, progress: Progress = _noop,
+          source_date_epoch: int | None = None) -> BuildResult:
+    """Build, measure, gate, sign and write ``output_dir/NAME-VERSION.epk``.
+
+    Raises:
+        ConfigError / ModelError / DataError / InputError: Bad input (nothing written).
+        GateError: A gate (or the baseline comparison) failed; the error carries
+            ``report`` and nothing is written.
+    """
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+    from ..bundle import bundle_filename, load_private_key, write_bundle
+    from ..modelio import graph_inputs
+    from ..optimize.evaluate import batch_size_for, compare, measure_latency
+    from ..optimize.graph import optimize_graph
+    from ..preprocess import Postprocess, embed_preprocessing, preprocess_from_dict, try_fold_normalization
+    from .._atomic import atomic_write_bytes
+
+    progress("Loading project")
+    project = _load(Path(project_path))
+    _check_devices(project)
+    load_private_key(project.signing_key)  # fail now, not after minutes of work
+    baseline_path = Path(baseline) if baseline is not None else None
+    if baseline_path is not None and not baseline_path.is_file():
+        raise ConfigError(f"Baseline bundle {baseline_path} does not exist; pass the .epk currently in production.")
+    warnings: list[str] = []
+
+    progress("Importing model")
+    source, source_lineage = _import_model(project)
+    raw_name = (project.raw.get("input") or {}).get("name", "raw")
+    pre = preprocess_from_dict(_pre_dict(project.preprocess))
+    pre.validate()
+    post = None
+    if project.postprocess:
+        spec = dict(project.postprocess)
+        if spec.get("labels") is not None:
+            spec["labels"] = [str(x) for x in spec["labels"]]
+        post = Postprocess(**spec)
+
+    progress("Embedding preprocessing")
+    embedded = embed_preprocessing(source, pre, post, raw_name)
+    fold_info: dict[str, Any] = {"requested": project.fold_normalization, "applied": False, "detail": "not requested"}
+    base = embedded
+    if project.fold_normalization:
+        folded = try_fold_normalization(embedded)
+        base = folded.model
+        fold_info.update(applied=folded.folded, detail=folded.reason)
+    inputs = graph_inputs(embedded)
+    batch = batch_size_for(inputs)
+    calibration, validation = _datasets(project, inputs, pre, raw_name)
+
+    progress("Optimizing graph")
+    optimized, graph_report = optimize_graph(base, THREADS)
+    fp32_bytes = optimized.SerializeToString()
+    embedded_bytes = embedded.SerializeToString()
+    reference = _session(embedded_bytes, "the embedded model")
+    check = compare(reference, _session(fp32_bytes, "the optimized model"), validation, batch)
+    graph_info = {"applied": graph_report.applied, "nodes_before": graph_report.nodes_before,
+                  "nodes_after": graph_report.nodes_after, "note": graph_report.note}
+    if not check.close:
+        # Safety net: a rewrite (folding or graph optimization) that changes outputs is not shipped.
+        fp32_bytes = embedded_bytes
+        note = f"the folded/optimized graph changed outputs (max abs error {check.max_abs_error:.3g}); shipped the embedded graph as is"
+        graph_info.update(applied=False, note=note)
+        fold_info.update(applied=False, detail=note)
+        warnings.append(note)
+
+    results = _variants(project, fp32_bytes, calibration, batch, progress, warnings)
+    sessions = {}
+    for variant, result in results.items():
+        progress(f"Measuring {variant} on validation data")
+        sessions[variant] = _session(result.model_bytes, f"the {variant} variant")
+        result.numerics = compare(reference, sessions[variant], validation, batch)
+    progress("Measuring latency")
+    timings = measure_latency({v: s for v, s in sessions.items()}, validation.batch(0, batch_size_for(inputs, 1)),
+                              LATENCY_RUNS, warmup=3)
+    for variant, result in results.items():
+        result.latency = timings.get(variant)
+        result.failures = _gate_failures(project, result)
+
+    baseline_info = None
+    baseline_failure = None
+    if baseline_path is not None:
+        progress("Comparing with the baseline")
+        baseline_info = _baseline(baseline_path, project, batch)
+        new_acc = results["fp32"].numerics.accuracy if "fp32" in results else None
+        if new_acc is None:
+            new_acc = check.reference_accuracy
+        baseline_info["new_accuracy"] = new_acc
+        if new_acc is None or new_acc < baseline_info["accuracy"] - 1e-12:
+            shown = "unmeasurable" if new_acc is None else f"{new_acc * 100:.2f}%"
+            baseline_failure = (f"baseline: the new fp32 accuracy {shown} is below the baseline "
+                                f"{baseline_info['name']} {baseline_info['version']}'s {baseline_info['accuracy'] * 100:.2f}% "
+                                "on the same validation data; refusing to replace a better model")
+        baseline_info["passed"] = baseline_failure is None
+
+    report: dict[str, Any] = {
+        "project": str(project.path),
+        "name": project.name,
+        "version": project.version,
+        "host": f"{platform.machine()} {platform.system()} python {platform.python_version()}",
+        "threads": THREADS,
+        "validation": {"source": validation.source, "samples": len(validation), "labels": validation.labels is not None},
+        "calibration": {"source": calibration.source, "samples": len(calibration)},
+        "fold_normalization": fold_info,
+        "graph_optimization": graph_info,
+        "variants": {
+            r.id: {
+                "precision": r.variant,
+                "size_bytes": r.size_bytes,
+                "numerics": _numerics_dict(r.numerics),
+                "latency_ms": None if r.latency is None else {"median": r.latency.median_ms, "p95": r.latency.p95_ms, "runs": r.latency.runs},
+                "gate_failures": r.failures,
+                "devices": r.devices,
+            }
+            for r in results.values()
+        },
+        "gates": jsonable({**project.gates.__dict__}),
+        "baseline": baseline_info,
+        "warnings": warnings,
+        "bundle": None,
+    }
+    failures = [f"{r.variant}: {f}" for r in results.values() for f in r.failures]
+    if baseline_failure:
+        failures.append(baseline_failure)
+    if failures:
+        error = GateError("The build failed its gates; no bundle was written:\n" + "\n".join(f"  - {f}" for f in failures))
+        error.report = report  # type: ignore[attr-defined]
+        raise error
+
+    progress("Writing golden vectors")
+    count = min(project.golden_vectors, len(validation))
+    golden_feed = validation.batch(0, count)
+    arrays = {golden_mod.input_key(k): v for k, v in golden_feed.items()}
+    tolerances: dict[str, dict[str, float]] = {}
+    for variant, result in results.items():
+        sess = sessions[variant]
+        outs = _run(sess, golden_feed)
+        tolerances[result.id] = {}
+        for meta, value in zip(sess.get_outputs(), outs):
+            arrays[golden_mod.output_key(result.id, meta.name)] = value
+            tolerances[result.id][meta.name] = golden_mod.tolerance(value, result.numerics.max_abs_error)
+    golden_bytes = golden_mod.write_npz(arrays)
+
+    progress("Computing reference statistics")
+    limit = stats_mod.MAX_SAMPLES
+    val_raw: dict[str, list[np.ndarray]] = {}
+    for _start, feed in validation.batches(256, limit):
+        for k, v in feed.items():
+            val_raw.setdefault(k, []).append(v)
+    val_raw_arrays = {k: np.concatenate(v) for k, v in val_raw.items()}
+    outputs = {r.id: _collect(sessions[v], validation, batch, limit) for v, r in results.items()}
+    labels = list(post.labels) if post is not None and post.labels else None
+    feature_names = {raw_name: list(pre.raw_columns)} if hasattr(pre, "raw_columns") else None
+    stats_doc = stats_mod.reference_stats(val_raw_arrays, {v: o[0] for v, o in outputs.items()}, labels, feature_names)
+    stats_bytes = stats_mod.stats_json(stats_doc)
+    fp32_key = results["fp32"].id if "fp32" in results else next(iter(outputs))
+
+    progress("Signing the bundle")
+    base_dir = project.path.parent
+    g = project.gates
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": project.name,
+        "version": project.version,
+        "description": project.description,
+        "io": _io_schema(embedded, pre, post, val_raw_arrays, outputs[fp32_key]),
+        "variants": [
+            {"id": r.id, "file": r.file, "engine": ENGINE, "precision": r.variant, "min_runtime": MIN_RUNTIME,
+             "devices": r.devices, "size_bytes": r.size_bytes}
+            for r in results.values()
+        ],
+        "golden": {"file": GOLDEN_FILE, "count": count, "rule": golden_mod.RULE, "tolerances": tolerances},
+        "reference_stats": {"file": STATS_FILE},
+        "lineage": {
+            "source_model": source_lineage,
+            "calibration": {"file": project.calibration.path.name, "sha256": file_sha256(project.calibration.path),
+                            "description": f"{len(calibration)} raw samples from array '{project.calibration.key}'"},
+            "validation": {"file": project.validation.path.name, "sha256": file_sha256(project.validation.path),
+                           "description": f"{len(validation)} raw samples from array '{project.validation.key}'"
+                           + (f", labels '{project.validation.labels or 'auto'}'" if validation.labels is not None else ", no labels")},
+            "tools": {"edgepack": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                      "numpy": np.__version__},
+            "git_commit": git_commit(base_dir),
+            "steps": {"fold_normalization": fold_info, "graph_optimization": graph_info},
+            "project": resolved_config(project, pre.to_dict(), post.to_dict() if post is not None else None),
+        },
+        "gates": jsonable({
+            "thresholds": {
+                "max_accuracy_drop": g.max_accuracy_drop, "min_accuracy": g.min_accuracy,
+                "min_agreement": g.min_agreement, "max_size_bytes": g.max_size_bytes, "max_latency_ms": g.max_latency_ms,
+            },
+            "reference": "the fp32 model with embedded preprocessing, end to end from raw validation inputs",
+            "results": {
+                r.id: {
+                    "accuracy": r.numerics.accuracy,
+                    "reference_accuracy": r.numerics.reference_accuracy,
+                    "agreement": r.numerics.agreement,
+                    "max_abs_error": r.numerics.max_abs_error,
+                    "samples": r.numerics.samples,
+                    "size_bytes": r.size_bytes,
+                    "latency": "not gated" if g.max_latency_ms is None else "passed (measured on the build host; see the build report)",
+                    "passed": True,
+                }
+                for r in results.values()
+            },
+            "baseline": baseline_info,
+            "passed": True,
+        }),
+    }
+    members: dict[str, bytes] = {r.file: r.model_bytes for r in results.values()}
+    members[GOLDEN_FILE] = golden_bytes
+    members[STATS_FILE] = stats_bytes
+    try:
+        project.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import OutputError
+
+        raise OutputError(f"Cannot create the output directory {project.output_dir}: {exc.strerror or exc}.") from exc
+    out = project.output_dir / bundle_filename(project.name, project.version)
+    write_bundle(out, manifest, members, project.signing_key, source_date_epoch)
+    report["bundle"] = str(out)
+    report["bundle_sha256"] = file_sha256(out)
+    report_path = project.output_dir / f"{project.name}-{project.version}.build.json"
+    import json
+
+    atomic_write_bytes(report_path, (json.dumps(jsonable(report), indent=2, sort_keys=True) + "\n").encode())
+    return BuildResult(out, report_path, manifest, report)

@@ -1,0 +1,332 @@
+"""``edgepack init``, ``build``, ``keys generate``, ``inspect`` and ``verify``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ._common import handle_errors, print_json, progress_display
+
+PROJECT_FILE = "edgepack.yaml"
+
+TEMPLATE = """\
+# edgepack project file: `edgepack build` turns this and a trained model into ONE
+# signed bundle NAME-VERSION.epk. Paths are relative to this file.
+# Fractions are fractions: 0.01 means one percentage point.
+
+name: my-model                 # lower-case letters, digits, '.', '_' or '-'
+version: "0.1.0"               # semantic version; quote it
+description: What the model does, in one line.
+
+model:
+  kind: onnx                   # onnx (pytorch / sklearn / tflite need the importers)
+  path: model.onnx
+
+# What the DEVICE feeds. Preprocessing is compiled into the model, so devices send raw
+# input and training/serving features cannot drift apart. Declare exactly one of
+# `image` (raw uint8 [N, H, W, C]) or `tabular` (raw float32 [N, columns], NaN = missing).
+input:
+  name: raw
+  image:
+    color: rgb                 # rgb | bgr | gray: channel order of the raw pixels
+    model_color: rgb           # what the model was trained on
+    min_size: [224, 224]       # accepted raw (height, width) range
+    max_size: [4096, 4096]
+    resize_shorter: 256        # or resize: [h, w]
+    center_crop: [224, 224]
+    scale: 0.00392156862745098 # 1/255
+    mean: [0.485, 0.456, 0.406]
+    std: [0.229, 0.224, 0.225]
+    layout: NCHW               # layout of the model's input
+  # tabular:
+  #   raw_columns: [age, income, city]
+  #   columns:
+  #     - {name: age, scaling: standard, mean: 40.0, std: 12.0, impute: 40.0}
+  #     - {name: city, kind: categorical, categories: [1, 2, 3]}
+  fold_normalization: true     # fold (x*scale-mean)/std into the first layer (better int8)
+
+output:                        # optional post-processing of the first output
+  softmax: true
+  # top_k: 5
+  labels: [cat, dog]           # one name per class
+
+data:                          # .npz files of RAW inputs (what devices feed)
+  calibration: {path: calib.npz, key: raw}                  # for int8 quantization
+  validation: {path: val.npz, key: raw, labels: labels}     # for the gates
+  golden_vectors: 8            # validation samples shipped as a self-test
+
+targets:                       # device profile ids (`edgepack devices list`)
+  - device: rpi4
+    variants: [fp32, int8]     # fp32 | int8 | fp16
+
+quantization:
+  per_channel: true
+  calibration_method: minmax   # minmax | entropy | percentile
+
+gates:                         # a failed gate writes no bundle (exit 1)
+  max_accuracy_drop: 0.01      # every variant vs the fp32 model
+  # min_accuracy: 0.9
+  # min_agreement: 0.99
+  # max_size_mb: 10
+  # max_latency_ms: 50         # measured on the build host
+
+signing:
+  key: keys/signing.key        # create with `edgepack keys generate --name signing`;
+                               # never commit it
+
+output_dir: dist
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("build")(build)
+    app.command("inspect")(inspect)
+    app.command("verify")(verify)
+    keys = typer.Typer(name="keys", help="Create bundle signing keys.", no_args_is_help=True)
+    keys.command("generate")(keys_generate)
+    app.add_typer(keys, name="keys")
+
+
+# --------------------------------------------------------------------------- init
+
+
+@handle_errors
+def init(
+    directory: Path = typer.Argument(Path("."), help="Directory to write edgepack.yaml into (created if missing)."),
+) -> None:
+    """Write a commented edgepack.yaml template (never overwrites)."""
+    from .._atomic import atomic_write_bytes
+    from ..errors import OutputError
+
+    target = directory / PROJECT_FILE
+    if target.exists():
+        raise OutputError(f"{target} already exists; refusing to overwrite it. Edit it, or init another directory.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create {directory}: {exc.strerror or exc}.") from exc
+    atomic_write_bytes(target, TEMPLATE.encode("utf-8"))
+    typer.echo(f"Wrote {target}. Next: edit it, run `edgepack keys generate`, then `edgepack build {target}`.")
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _summarize(report: dict) -> None:
+    typer.echo(f"{report['name']} {report['version']}  (validation: {report['validation']['samples']} samples)")
+    for vid, v in report["variants"].items():
+        n = v.get("numerics") or {}
+        acc = n.get("accuracy")
+        agree = n.get("agreement")
+        lat = (v.get("latency_ms") or {}).get("median")
+        status = "PASS" if not v["gate_failures"] else "FAIL"
+        typer.echo(
+            f"  {status} {vid:<12} {v['size_bytes']:>12,} B  "
+            f"acc {'-' if acc is None else f'{acc * 100:.2f}%'}  "
+            f"agree {'-' if agree is None else f'{agree * 100:.2f}%'}  "
+            f"max err {n.get('max_abs_error', 0) or 0:.3g}  "
+            f"latency {'-' if lat is None else f'{lat:.3f} ms'}  devices {', '.join(v['devices'])}"
+        )
+        for failure in v["gate_failures"]:
+            typer.echo(f"       {failure}")
+    if report.get("baseline"):
+        b = report["baseline"]
+        typer.echo(f"  baseline {b['name']} {b['version']}: accuracy {b['accuracy'] * 100:.2f}% -> {'passed' if b.get('passed') else 'REFUSED'}")
+    for warning in report.get("warnings") or []:
+        typer.echo(f"  warning: {warning}")
+
+
+@handle_errors
+def build(
+    project: Path = typer.Argument(Path(PROJECT_FILE), help="The project file."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The bundle in production: refuse the build if the new fp32 accuracy is lower on the same validation data."),
+    as_json: bool = typer.Option(False, "--json", help="Print the build report as JSON on stdout."),
+) -> None:
+    """Build, measure, gate and sign NAME-VERSION.epk from a project file.
+
+    Exit codes: 0 written, 1 a gate failed (nothing written), 2 bad input.
+    """
+    from ..build import build as run
+    from ..errors import GateError
+
+    try:
+        with progress_display(not as_json) as progress:
+            result = run(project, baseline=baseline, progress=progress)
+    except GateError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            if as_json:
+                print_json(report)
+            else:
+                _summarize(report)
+        raise
+    if as_json:
+        print_json(result.report)
+        return
+    _summarize(result.report)
+    typer.echo(f"Wrote {result.bundle}")
+    typer.echo(f"Build report (with host latencies): {result.report_path}")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@handle_errors
+def keys_generate(
+    directory: Path = typer.Option(Path("keys"), "--dir", help="Directory for NAME.key and NAME.pub (created if missing)."),
+    name: str = typer.Option("signing", "--name", help="Base name of the key files."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair (devices trusting the old .pub will reject new bundles)."),
+) -> None:
+    """Create an Ed25519 signing key pair: NAME.key (private, 0600) and NAME.pub (give to devices)."""
+    from ..bundle import generate_keypair
+    from ..errors import OutputError
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create {directory}: {exc.strerror or exc}.") from exc
+    private, public = generate_keypair(directory, name, force=force)
+    typer.echo(f"Wrote {private} (private: keep it secret, never commit it)")
+    typer.echo(f"Wrote {public} (public: devices verify bundles with it)")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _read_manifest(bundle: Path) -> dict:
+    import json
+
+    from ..bundle import read_member
+
+    return json.loads(read_member(bundle, "manifest.json"))
+
+
+@handle_errors
+def inspect(
+    bundle: Path = typer.Argument(..., help="The .epk bundle.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show what a bundle contains (NOT verified: use `edgepack verify` before trusting it)."""
+    manifest = _read_manifest(bundle)
+    if as_json:
+        print_json(manifest)
+        return
+    typer.echo(f"{manifest.get('name')} {manifest.get('version')}  (format {manifest.get('format_version')}; unverified — run `edgepack verify`)")
+    if manifest.get("description"):
+        typer.echo(f"  {manifest['description']}")
+    io = manifest.get("io") or {}
+    for spec in io.get("inputs", []):
+        typer.echo(f"  input  {spec.get('name')} {spec.get('dtype')} {spec.get('shape')} range {spec.get('value_range')}")
+    for spec in io.get("outputs", []):
+        labels = spec.get("labels")
+        typer.echo(f"  output {spec.get('name')} {spec.get('dtype')} {spec.get('shape')}" + (f" labels {', '.join(labels)}" if labels else ""))
+    files = manifest.get("files", {})
+    results = (manifest.get("gates") or {}).get("results") or {}
+    typer.echo("  variants:")
+    for v in manifest.get("variants", []):
+        size = (files.get(v.get("file")) or {}).get("size")
+        r = results.get(v.get("id")) or {}
+        acc = r.get("accuracy")
+        typer.echo(
+            f"    {str(v.get('id')):<12} {str(v.get('precision')):<5} {v.get('engine')}  "
+            f"{'?' if not isinstance(size, int) else f'{size:,}'} B  "
+            f"acc {'-' if acc is None else f'{acc * 100:.2f}%'}  devices {', '.join(v.get('devices') or []) or '-'}"
+        )
+    gates = manifest.get("gates") or {}
+    thresholds = {k: v for k, v in (gates.get("thresholds") or {}).items() if v is not None}
+    typer.echo(f"  gates: {', '.join(f'{k}={v}' for k, v in thresholds.items()) or 'none'} -> {'passed' if gates.get('passed') else 'unknown'}")
+    if gates.get("baseline"):
+        b = gates["baseline"]
+        typer.echo(f"  baseline: {b.get('name')} {b.get('version')} accuracy {b.get('accuracy')}")
+    lineage = manifest.get("lineage") or {}
+    src = lineage.get("source_model") or {}
+    typer.echo(f"  lineage: model {src.get('file')} sha256 {str(src.get('sha256'))[:16]}…, git {lineage.get('git_commit') or 'none'}")
+    tools = lineage.get("tools") or {}
+    if tools:
+        typer.echo("           " + ", ".join(f"{k} {v}" for k, v in sorted(tools.items())))
+    for role in ("calibration", "validation"):
+        d = lineage.get(role) or {}
+        if d:
+            typer.echo(f"           {role}: {d.get('file')} ({d.get('description')}) sha256 {str(d.get('sha256'))[:16]}…")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _golden(root: Path, manifest) -> dict[str, Any]:
+    """Run every onnxruntime variant on the golden vectors; variant id -> problems (empty: passed)."""
+    from ..build.golden import check_golden, read_npz
+    from ..optimize.evaluate import session
+
+    golden = manifest.get("golden") or {}
+    if not golden.get("file"):
+        return {}
+    arrays = read_npz((root / golden["file"]).read_bytes())
+    tolerances = golden.get("tolerances") or {}
+    results: dict[str, Any] = {}
+    for variant in manifest.variants:
+        vid = variant.get("id")
+        if variant.get("engine") != "onnxruntime":
+            results[vid] = None
+            continue
+        try:
+            sess = session((root / variant["file"]).read_bytes(), 1)
+            results[vid] = check_golden(sess, vid, arrays, tolerances.get(vid) or {})
+        except Exception as exc:  # noqa: BLE001 - a variant that does not run on this host fails verification
+            results[vid] = [f"{vid}: does not run on this host's onnxruntime ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"]
+    return results
+
+
+@handle_errors
+def verify(
+    bundle: Path = typer.Argument(..., help="The .epk bundle.", show_default=False),
+    key: Path = typer.Option(..., "--key", help="The publisher's public key (.pub)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Verify a bundle: signature, every member's hash, then golden vectors on this host.
+
+    Exit codes: 0 verified, 1 verification failed, 2 bad input.
+    """
+    import tempfile
+
+    from ..bundle import extract_bundle, load_public_key
+    from ..errors import BundleError, VerificationError
+
+    public = load_public_key(key)
+    if not bundle.is_file():
+        raise BundleError(f"Bundle {bundle} does not exist or is not a file; check the path.")
+    with tempfile.TemporaryDirectory(prefix="edgepack-verify-") as tmp:
+        root = Path(tmp) / "bundle"
+        try:
+            manifest = extract_bundle(bundle, root, public)
+        except BundleError as exc:
+            if "tampered" in str(exc) or "corrupted" in str(exc):
+                raise VerificationError(str(exc)) from None  # a damaged bundle failed verification: exit 1
+            raise
+        golden = _golden(root, manifest)
+    problems = [p for value in golden.values() if value for p in value]
+    result = {
+        "bundle": str(bundle),
+        "name": manifest.name,
+        "version": manifest.version,
+        "key_id": manifest.key_id,
+        "signature": "ok",
+        "members": {name: "ok" for name in sorted(manifest.files)},
+        "golden": {vid: ("skipped (engine not onnxruntime)" if value is None else ("ok" if not value else value))
+                   for vid, value in golden.items()},
+        "verified": not problems,
+    }
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"{manifest.name} {manifest.version}: signature OK (key {manifest.key_id}), {len(manifest.files)} member hashes OK")
+        for vid, value in result["golden"].items():
+            typer.echo(f"  golden vectors {vid}: {value if isinstance(value, str) else 'FAILED'}")
+    if problems:
+        raise VerificationError("Golden vectors failed on this host: " + "; ".join(problems)
+                                + ". The variant computes different results here than at build time.")
+    if not golden:
+        typer.echo("  (the bundle has no golden vectors)", err=True)

@@ -1,0 +1,76 @@
+"""The workstation's bundle runs on the device runtime: build → install → predict from raw input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from edgepack.cli.app import app
+
+    work = tmp_path_factory.mktemp("digits")
+    for name in ("model.onnx", "calib.npz", "val.npz", "edgepack.yaml"):
+        shutil.copy(ROOT / "examples" / "digits" / name, work / name)
+    runner = CliRunner()
+    result = runner.invoke(app, ["keys", "generate", "--dir", str(work / "keys"), "--name", "digits"])
+    assert result.exit_code == 0, result.stderr
+    result = runner.invoke(app, ["build", str(work / "edgepack.yaml"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return work, work / "dist" / "digits-1.0.0.epk", work / "keys" / "digits.pub", json.loads(result.stdout)
+
+
+def runtime(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgepack_runtime.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_built_bundle_installs_and_predicts_raw_digits_on_the_device(digits_bundle, tmp_path):
+    _, bundle, pub, _ = digits_bundle
+    cache = tmp_path / "cache"
+    result = runtime("install", str(bundle), "--cache", str(cache), "--key", str(pub), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["version"] == "1.0.0"
+
+    import edgepack_runtime
+
+    model = edgepack_runtime.open(cache)
+    val = np.load(ROOT / "examples" / "digits" / "val.npz")
+    scores = model.predict(val["raw"])["scores"]
+    accuracy = float((scores.argmax(1) == val["labels"]).mean())
+    assert accuracy >= 0.98
+    assert np.allclose(scores.sum(axis=1), 1.0, atol=1e-4)  # softmax is inside the artifact
+
+
+def test_device_refuses_raw_input_outside_the_manifest_schema(digits_bundle, tmp_path):
+    _, bundle, pub, _ = digits_bundle
+    cache = tmp_path / "cache"
+    assert runtime("install", str(bundle), "--cache", str(cache), "--key", str(pub)).returncode == 0
+
+    import edgepack_runtime
+
+    model = edgepack_runtime.open(cache)
+    with pytest.raises(edgepack_runtime.InputValidationError, match="raw"):
+        model.predict(np.zeros((1, 9, 9, 1), np.uint8))  # wrong image size
+    with pytest.raises(edgepack_runtime.InputValidationError, match="dtype"):
+        model.predict(np.zeros((1, 8, 8, 1), np.float32))  # not raw pixels
+
+
+def test_device_prefers_the_variant_it_is_told_to(digits_bundle, tmp_path):
+    _, bundle, pub, _ = digits_bundle
+    cache = tmp_path / "cache"
+    assert runtime("install", str(bundle), "--cache", str(cache), "--key", str(pub)).returncode == 0
+    for prefer in ("onnx-fp32", "onnx-int8"):
+        result = runtime("verify", "--cache", str(cache), "--prefer", prefer, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["variant"] == prefer
