@@ -133,3 +133,27 @@ def test_public_open_reads_pinned_keys_from_the_cache(env):
     (config.cache.root / "keys").mkdir()
     (config.cache.root / "keys" / "pub.pub").write_bytes((tmp / "test.pub").read_bytes())
     assert edgepack_runtime.open(config.cache.root).version == "1.0.0"
+
+
+def test_damaged_unreferenced_store_entry_does_not_block_installing_that_bundle(env):
+    # Power loss can keep a store directory's rename but lose its data; the next
+    # install of the same bundle must re-extract instead of failing forever.
+    tmp, key, config = env
+    install(bundles.make_bundle(tmp, key, "1.0.0"), config)
+    bundle2 = bundles.make_bundle(tmp, key, "2.0.0", bundles.raw_classifier(scale=2.0))
+    from edgepack_runtime.cache import file_sha256
+
+    entry = config.cache.root / "store" / file_sha256(bundle2)
+    (entry / "models").mkdir(parents=True)
+    (entry / "models" / "onnx-fp32.onnx").write_bytes(b"garbage")
+    assert install(bundle2, config).version == "2.0.0"
+    assert load(config).version == "2.0.0"
+
+
+def test_reinstalling_the_current_bundle_records_it_as_known_good(env):
+    tmp, key, config = env
+    bundle = bundles.make_bundle(tmp, key, "1.0.0")
+    slot = install(bundle, config)
+    (config.cache.root / "slots" / "known-good").unlink()  # as after a kill at "gc"
+    install(bundle, config)
+    assert Cache(config.cache).known_good() == [slot.digest]

@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 
 def fsync_dir(directory: Path) -> None:
@@ -17,8 +18,11 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, before_replace: Optional[Callable[[], None]] = None) -> None:
     """Replace ``path`` with ``data`` so a reader (or a reboot) sees old or new, never half.
+
+    ``before_replace`` runs once the temp file is written and fsynced, just before the
+    rename (the power-loss tests stop the process there).
 
     Raises:
         OSError: Writing failed; ``path`` is unchanged and no temp file remains.
@@ -29,6 +33,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

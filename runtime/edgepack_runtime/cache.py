@@ -14,17 +14,23 @@ open or install; they never block an install.
 
 Install order (the step names are what ``fault`` hooks receive):
 ``verify`` → ``extract`` (``extract:member`` per file) → ``selftest`` →
-``switch:previous`` → ``switch:current`` → ``gc``.
+``switch:previous`` (``switch:previous:rename``) → ``switch:current``
+(``switch:current:rename``) → ``gc``; a ``:rename`` step is reached inside the
+pointer's atomic write, after its temp file is written and before the rename.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import os
 
 from ._fs import atomic_write, fsync_dir
 from .bundle import BundleLimits, Manifest, PublicKey, extract_bundle, verify_bundle, verify_extracted
@@ -91,10 +97,35 @@ class Cache:
 
     # ----------------------------------------------------------------- layout
 
+    @contextlib.contextmanager
+    def _locked(self, wait: bool = True):
+        """Exclusive cache lock (yields False when ``wait`` is off and someone holds it).
+
+        Installs, rollbacks and sweeps take it so a daemon starting during an install
+        never deletes the installer's in-progress ``.partial`` directory. The kernel
+        drops the lock when its holder dies, so a killed installer never blocks.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def ensure(self) -> None:
         """Create the directories (idempotent) and sweep leftovers of interrupted steps."""
         for directory in (self.root, self.store, self.slots):
             directory.mkdir(parents=True, exist_ok=True)
+        with self._locked(wait=False) as held:
+            if held:
+                self._sweep()
+
+    def _sweep(self) -> None:
         for leftover in list(self.store.glob(".*.partial")) + list(self.store.glob(".*.tmp")):
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         for leftover in self.slots.glob(".*.tmp"):
@@ -110,13 +141,13 @@ class Cache:
         except (ValueError, KeyError, TypeError, OSError):
             return None  # a pointer that cannot be read is treated as empty, never fatal
 
-    def _write_slot(self, which: str, slot: Optional[Slot]) -> None:
+    def _write_slot(self, which: str, slot: Optional[Slot], fault: Fault = _no_fault) -> None:
         path = self.slots / which
         if slot is None:
             path.unlink(missing_ok=True)
             fsync_dir(self.slots)
         else:
-            atomic_write(path, slot.to_json())
+            atomic_write(path, slot.to_json(), before_replace=lambda: fault(f"switch:{which}:rename"))
 
     def known_good(self) -> List[str]:
         try:
@@ -141,6 +172,10 @@ class Cache:
             UpdateError: The self-test failed, or a downgrade was refused.
         """
         self.ensure()
+        with self._locked():
+            return self._install(bundle, self_test, fault, allow_downgrade)
+
+    def _install(self, bundle: Path, self_test: SelfTest, fault: Fault, allow_downgrade: bool) -> Slot:
         fault("verify")
         manifest = verify_bundle(bundle, self.config.trusted_keys, self.config.limits)
         digest = file_sha256(bundle)
@@ -150,6 +185,14 @@ class Cache:
             raise UpdateError(f"Refusing to install {manifest.name} {manifest.version}: it is older than the current {current.version}. Use an explicit rollback instead.")
         fault("extract")
         target = self.entry(digest)
+        pinned = {s.digest for s in (current, self.read_slot("previous")) if s}
+        if target.is_dir() and digest not in pinned:
+            # An entry no slot uses may be a leftover damaged by power loss (its
+            # rename survived, its data did not): re-extract rather than trust it.
+            try:
+                verify_extracted(target, self.config.trusted_keys, self.config.limits)
+            except EdgepackError:
+                shutil.rmtree(target, ignore_errors=True)
         if not target.is_dir():
             extract_bundle(bundle, target, self.config.trusted_keys, self.config.limits, on_member=lambda name: fault("extract:member"))
         fault("selftest")
@@ -158,16 +201,21 @@ class Cache:
         except EdgepackError as exc:
             raise UpdateError(f"{manifest.name} {manifest.version} failed its self-test and was not installed: {exc}") from exc
         if current is not None and current.digest == digest:
-            return slot  # already current: nothing to switch
+            self._remember_good(digest)  # a rerun after a kill at "gc" completes the bookkeeping
+            return slot
         fault("switch:previous")
-        self._write_slot("previous", current)
+        self._write_slot("previous", current, fault)
         fault("switch:current")
-        self._write_slot("current", slot)
+        self._write_slot("current", slot, fault)
         fault("gc")
-        good = [d for d in self.known_good() if d != digest] + [digest]
-        atomic_write(self.slots / "known-good", json.dumps(good).encode())
+        self._remember_good(digest)
         self.gc()
         return slot
+
+    def _remember_good(self, digest: str) -> None:
+        good = self.known_good()
+        if not good or good[-1] != digest:
+            atomic_write(self.slots / "known-good", json.dumps([d for d in good if d != digest] + [digest]).encode())
 
     def gc(self) -> List[str]:
         """Delete store entries that are neither a slot nor among the newest ``keep`` known-good."""
@@ -192,6 +240,10 @@ class Cache:
             UpdateError: There is no previous bundle to go back to.
         """
         self.ensure()
+        with self._locked():
+            return self._rollback()
+
+    def _rollback(self) -> Slot:
         current, previous = self.read_slot("current"), self.read_slot("previous")
         if previous is None or not self.entry(previous.digest).is_dir():
             raise UpdateError("There is no previous bundle to roll back to; install a known-good bundle instead.")

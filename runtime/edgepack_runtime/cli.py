@@ -67,17 +67,29 @@ def _print(data, as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+def _pin_keys(cache: Path, key_paths: List[str]) -> None:
+    """Pin keys given on the command line into CACHE/keys (atomically), so later starts
+    and the daemon verify offline without --key. A key already pinned is left alone."""
+    if not key_paths:
+        return
+    from ._fs import atomic_write
+
+    keys_dir = cache / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    pinned = {load_public_key(p).key_id for p in keys_dir.glob("*.pub")}
+    for path in key_paths:
+        key = load_public_key(path)
+        if key.key_id not in pinned:
+            atomic_write(keys_dir / f"{key.key_id}.pub", Path(path).read_bytes())
+            pinned.add(key.key_id)
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .model import install
 
     config = _config(args)
+    _pin_keys(Path(args.cache), args.key or [])
     slot = install(Path(args.bundle), config, fault=_fault_hook(), allow_downgrade=args.allow_downgrade)
-    keys_dir = Path(args.cache) / "keys"
-    if args.key and not keys_dir.exists():
-        # Pin the keys used for the first install, so the device can verify offline later.
-        keys_dir.mkdir(parents=True)
-        for path in args.key:
-            (keys_dir / Path(path).name).write_bytes(Path(path).read_bytes())
     _print({"installed": slot.name, "version": slot.version, "digest": slot.digest}, args.json)
     return 0
 
