@@ -25,12 +25,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
-
-import os
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ._fs import atomic_write, fsync_dir
 from .bundle import BundleLimits, Manifest, PublicKey, extract_bundle, verify_bundle, verify_extracted

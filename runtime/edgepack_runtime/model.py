@@ -75,7 +75,7 @@ class Model:
 
     def validate(self, raw: Union[np.ndarray, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
         """Check raw input against the manifest schema (raises InputValidationError)."""
-        feed = raw if isinstance(raw, Mapping) else {self.session.input_names[0]: raw}
+        feed = raw if type(raw) is dict or (not isinstance(raw, np.ndarray) and isinstance(raw, Mapping)) else {self.session.input_names[0]: raw}
         if not self.inputs:
             return {k: np.asarray(v) for k, v in feed.items()}
         return check_feed(self.inputs, feed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+import functools
+import math
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -24,6 +26,12 @@ def _dims(spec: Mapping[str, Any]) -> List[Any]:
     return list(spec.get("shape") or [])
 
 
+@functools.lru_cache(maxsize=None)
+def _int_bounds(dtype: np.dtype) -> Tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
 def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_BYTES) -> np.ndarray:
     """Return ``value`` as an array of the declared dtype, or raise InputValidationError.
 
@@ -32,6 +40,7 @@ def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_
     """
     name = spec["name"]
     dtype = np.dtype(spec["dtype"])
+    bounds = None  # (min, max) of the values, when already computed
     if isinstance(value, np.ndarray):
         array = value
     else:
@@ -42,11 +51,14 @@ def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_
         if array.dtype == object:
             raise InputValidationError(name, "is not a rectangular array of numbers")
         if array.dtype.kind in "iuf" and dtype.kind in "iu":
-            if array.size and (not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0))):
+            # Integer lists are integral by construction; only floats need the checks.
+            if array.size and array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0))):
                 raise InputValidationError(name, f"must hold integers for dtype {dtype}")
-            info = np.iinfo(dtype)
-            if array.size and (array.min() < info.min or array.max() > info.max):
-                raise InputValidationError(name, f"has values outside the {dtype} range {info.min}..{info.max}")
+            info_min, info_max = _int_bounds(dtype)
+            if array.size:
+                bounds = (array.min(), array.max())
+                if bounds[0] < info_min or bounds[1] > info_max:
+                    raise InputValidationError(name, f"has values outside the {dtype} range {info_min}..{info_max}")
             array = array.astype(dtype)
         elif array.dtype.kind in "iuf" and dtype.kind == "f":
             array = array.astype(dtype)
@@ -65,7 +77,7 @@ def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_
     if array.size == 0:
         raise InputValidationError(name, "is empty")
     size_range = spec.get("size_range")  # images: {"min": [h, w], "max": [h, w]} on NHWC axes 1, 2
-    if isinstance(size_range, Mapping) and array.ndim == 4:
+    if array.ndim == 4 and isinstance(size_range, Mapping):
         (min_h, min_w), (max_h, max_w) = size_range["min"], size_range["max"]
         h, w = array.shape[1], array.shape[2]
         if not (min_h <= h <= max_h and min_w <= w <= max_w):
@@ -73,25 +85,40 @@ def check_input(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_
     value_range = spec.get("value_range")
     if value_range and dtype.kind in "iuf":
         low, high = value_range
-        if dtype.kind == "f" and not np.all(np.isfinite(array)) and not spec.get("allow_nan"):
-            raise InputValidationError(name, "contains NaN or infinity")
-        finite = array[np.isfinite(array)] if dtype.kind == "f" else array
-        if finite.size and ((low is not None and finite.min() < low) or (high is not None and finite.max() > high)):
-            raise InputValidationError(name, f"has values outside the declared range [{low}, {high}]")
+        if dtype.kind in "iu":
+            info_min, info_max = _int_bounds(dtype)
+            if (low is None or low <= info_min) and (high is None or high >= info_max):
+                pass  # the dtype itself keeps every value inside the declared range
+            else:
+                lo, hi = bounds if bounds is not None else (array.min(), array.max())
+                if (low is not None and lo < low) or (high is not None and hi > high):
+                    raise InputValidationError(name, f"has values outside the declared range [{low}, {high}]")
+        else:
+            lo, hi = array.min(), array.max()  # NaN or an infinity shows up in min/max
+            if math.isfinite(lo) and math.isfinite(hi):
+                if (low is not None and lo < low) or (high is not None and hi > high):
+                    raise InputValidationError(name, f"has values outside the declared range [{low}, {high}]")
+            else:
+                if not np.all(np.isfinite(array)) and not spec.get("allow_nan"):
+                    raise InputValidationError(name, "contains NaN or infinity")
+                finite = array[np.isfinite(array)]
+                if finite.size and ((low is not None and finite.min() < low) or (high is not None and finite.max() > high)):
+                    raise InputValidationError(name, f"has values outside the declared range [{low}, {high}]")
     return np.ascontiguousarray(array)
 
 
 def check_feed(inputs: List[Mapping[str, Any]], feed: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     """Validate a whole request: every declared input present, nothing extra."""
     names = [spec["name"] for spec in inputs]
-    unknown = sorted(set(feed) - set(names))
-    if unknown:
-        raise InputValidationError(unknown[0], f"is not an input of this model (inputs: {', '.join(names)})")
-    missing = [n for n in names if n not in feed]
-    if missing:
-        raise InputValidationError(missing[0], "is missing")
+    if feed.keys() != set(names):
+        unknown = sorted(set(feed) - set(names))
+        if unknown:
+            raise InputValidationError(unknown[0], f"is not an input of this model (inputs: {', '.join(names)})")
+        missing = [n for n in names if n not in feed]
+        if missing:
+            raise InputValidationError(missing[0], "is missing")
     checked = {spec["name"]: check_input(spec, feed[spec["name"]]) for spec in inputs}
-    batches = {a.shape[0] for a in checked.values() if a.ndim}
+    batches = {a.shape[0] for a in checked.values() if a.ndim} if len(checked) > 1 else ()
     if len(batches) > 1:
         raise InputValidationError(names[0], f"inputs disagree on the batch size {sorted(batches)}")
     return checked
