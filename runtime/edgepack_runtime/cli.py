@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="Run the local inference daemon.")
     p.add_argument("--socket", default=None, help="Unix socket path (default: CACHE/edgepack.sock).")
     p.add_argument("--http", default=None, help="Also listen on HTTP at HOST:PORT (127.0.0.1 only unless --http-any).")
+    p.add_argument("--http-any", action="store_true", help="Allow a non-loopback --http host (the local API has no authentication).")
     p.add_argument("--log-dir", default=None, help="Keep a size-capped prediction log here.")
     p.add_argument("--log-sample", type=float, default=0.0, help="Share of requests to log (0..1).")
     p.add_argument("--log-max-mb", type=float, default=64.0, help="Prediction log size cap.")

@@ -11,7 +11,7 @@ import numpy as np
 
 from .bundle import Manifest, PublicKey, load_public_key
 from .cache import DEFAULT_ROOT, Cache, CacheConfig, Slot
-from .engines import EngineError, available_engines, choose_variant, cpu_features, load_session
+from .engines import available_engines, choose_variant, cpu_features, load_session
 from .errors import UpdateError
 from .selftest import self_test
 from .validate import check_feed
@@ -43,11 +43,14 @@ def _pick(manifest: Mapping, config: RuntimeConfig) -> dict:
     return variant
 
 
-def _tester(config: RuntimeConfig):
+def _tester(config: RuntimeConfig, loaded: Optional[Dict[Path, Tuple[dict, Any]]] = None):
+    """The self-test the cache runs; keeps the session it loaded in ``loaded`` for reuse."""
     def test(directory: Path, manifest: Manifest) -> None:
         variant = _pick(manifest, config)
         session = load_session(variant["engine"], directory / variant["file"], config.threads)
         self_test(session, variant["id"], directory, manifest)
+        if loaded is not None:
+            loaded[directory] = (variant, session)
 
     return test
 
@@ -111,12 +114,10 @@ def load(config: RuntimeConfig) -> Model:
         UpdateError: No installed bundle verifies and passes its self-test.
     """
     cache = Cache(config.cache)
-    slot, directory, manifest, notes = cache.open(_tester(config))
-    variant = _pick(manifest, config)
-    try:
-        session = load_session(variant["engine"], directory / variant["file"], config.threads)
-    except EngineError as exc:
-        raise UpdateError(str(exc)) from exc
+    loaded: Dict[Path, Tuple[dict, Any]] = {}
+    slot, directory, manifest, notes = cache.open(_tester(config, loaded))
+    # The session that just passed the self-test is the one that serves (no second load).
+    variant, session = loaded[directory]
     return Model(slot, directory, manifest, variant, session, notes)
 
 
