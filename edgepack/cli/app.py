@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from . import bundle_cmds, devices_cmd, flash_cmd, optimize_cmd
+from . import bundle_cmds, devices_cmd, flash_cmd, optimize_cmd, server_cmd
 
 app = typer.Typer(
     name="edgepack",
@@ -35,6 +35,7 @@ optimize_cmd.register(app)
 devices_cmd.register(app)
 bundle_cmds.register(app)
 flash_cmd.register(app)
+server_cmd.register(app)
 
 
 def main() -> None:

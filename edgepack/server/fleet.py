@@ -1,0 +1,221 @@
+"""Devices: provisioning, authentication, check-ins and events.
+
+Check-ins and event batches are each one transaction: the seq check, the device's
+reported state, membership updates, auto-halt/advancement and new memberships are
+committed together or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import secrets
+from collections.abc import Callable
+from typing import Any, Optional
+
+from . import rollout as logic
+from .blobs import BlobStore
+from .delta import ensure_delta
+from .http_errors import ApiError
+from .orchestration import Orchestrator
+from .schemas import CheckinRequest, DeviceCreate, DeviceUpdate, EventsRequest
+from .settings import ServerSettings, hash_token
+from .storage import DeviceRecord, EventRecord, RolloutRecord, Storage
+
+__all__ = ["Fleet"]
+
+
+def _not_found(device_id: str) -> ApiError:
+    return ApiError(404, "unknown_device", f"There is no device {device_id!r} for this token.")
+
+
+class Fleet:
+    def __init__(self, settings: ServerSettings, storage: Storage, blobs: BlobStore, orchestrator: Orchestrator,
+                 clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.blobs = blobs
+        self.orchestrator = orchestrator
+        self.clock = clock
+
+    # ------------------------------------------------------------------ admin
+
+    def provision(self, req: DeviceCreate) -> tuple[DeviceRecord, str]:
+        token = secrets.token_urlsafe(32)
+        with self.storage.transaction():
+            if self.storage.get_device(req.id) is not None:
+                raise ApiError(409, "device_exists", f"Device {req.id!r} is already provisioned; choose another id.")
+            device = DeviceRecord(id=req.id, group=req.group, tags=list(req.tags), profile=req.profile,
+                                  token_sha256=hash_token(token), created_at=self.clock())
+            self.storage.add_device(device)
+        return device, token
+
+    def get(self, device_id: str) -> DeviceRecord:
+        device = self.storage.get_device(device_id)
+        if device is None:
+            raise ApiError(404, "unknown_device", f"There is no device {device_id!r}; list devices with GET /v1/admin/devices.")
+        return device
+
+    def update(self, device_id: str, req: DeviceUpdate) -> DeviceRecord:
+        with self.storage.transaction():
+            device = self.get(device_id)
+            changes = {k: v for k, v in req.model_dump(exclude_unset=True).items() if v is not None}
+            device = dataclasses.replace(device, **changes)
+            self.storage.save_device(device)
+        return device
+
+    # ------------------------------------------------------------------- auth
+
+    def authenticate(self, device_id: str, token: Optional[str]) -> DeviceRecord:
+        """The device whose token this is, if it is ``device_id``; otherwise 401/404."""
+        if not token:
+            raise ApiError(401, "unauthorized", "Send the device token as 'Authorization: Bearer <token>'.",
+                           {"WWW-Authenticate": "Bearer"})
+        digest = hash_token(token)
+        device = self.storage.get_device_by_token_hash(digest)
+        if device is None or not hmac.compare_digest(device.token_sha256, digest):
+            raise ApiError(401, "unauthorized", "The device token is not valid; re-provision the device.",
+                           {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(device.id.encode(), device_id.encode()):
+            raise _not_found(device_id)
+        return device
+
+    # --------------------------------------------------------------- check-in
+
+    def checkin(self, device_id: str, req: CheckinRequest) -> dict[str, Any]:
+        now = self.clock()
+        current = req.current.digest if req.current else None
+        with self.storage.transaction():
+            device = self.storage.get_device(device_id)
+            if device is None:
+                raise _not_found(device_id)
+            self._check_seq(device, [req.seq])
+            device = dataclasses.replace(
+                device, last_seen=now, last_seq=req.seq, state=req.state,
+                current=req.current.model_dump() if req.current else None,
+                previous=req.previous.model_dump() if req.previous else None,
+                health=req.health.model_dump(exclude_none=True) if req.health else None,
+                runtime_version=req.runtime_version, engines=list(req.engines),
+            )
+            self.storage.save_device(device)
+            touched: dict[str, RolloutRecord] = {}
+            for member in self.storage.members_of_device(device_id):
+                r = self.storage.get_rollout(member.rollout_id)
+                bundle = self.storage.get_bundle(r.bundle_id) if r else None
+                if bundle is None:
+                    continue
+                state = logic.member_after_report(member.state, current, bundle.digest)
+                if state != member.state:
+                    self.storage.save_member(dataclasses.replace(member, state=state, updated_at=now))
+                    touched[r.id] = r
+            for r in touched.values():
+                self.orchestrator.evaluate(r, now)
+            decision, rollout = self.orchestrator.directive_for(device, current)
+            if rollout is not None:
+                self.orchestrator.evaluate(self.storage.get_rollout(rollout.id), now)
+        return self._directive_body(device_id, decision, rollout, current)
+
+    def _directive_body(self, device_id: str, decision: logic.Directive, rollout: Optional[RolloutRecord],
+                        current: Optional[str]) -> dict[str, Any]:
+        body: dict[str, Any] = {"action": decision.action, "rollout_id": None, "bundle": None, "delta": None,
+                                "probation": None, "poll_interval_s": self.settings.poll_interval_s}
+        if decision.action == "none" or rollout is None:
+            return body
+        bundle = self.storage.get_bundle_by_digest(decision.target)
+        body.update(
+            rollout_id=rollout.id,
+            bundle={"name": bundle.name, "version": bundle.version, "digest": bundle.digest, "size": bundle.size,
+                    "url": f"/v1/devices/{device_id}/bundles/{bundle.digest}"},
+            probation=rollout.probation if decision.action == "update" else None,
+        )
+        if current and current != bundle.digest:
+            try:
+                delta = ensure_delta(self.blobs, current, bundle.digest)
+            except (OSError, MemoryError, ValueError):
+                delta = None  # a delta is an optimization; the full download always works
+            if delta is not None:
+                body["delta"] = {"from_digest": current, "digest": delta.digest, "size": delta.size,
+                                 "url": f"/v1/devices/{device_id}/deltas/{current}/{bundle.digest}"}
+        return body
+
+    # ----------------------------------------------------------------- events
+
+    @staticmethod
+    def _check_seq(device: DeviceRecord, seqs: list[int]) -> None:
+        if seqs[0] <= device.last_seq:
+            raise ApiError(409, "replayed_seq", f"seq {seqs[0]} is not greater than the last accepted seq "
+                           f"{device.last_seq}; this batch was already delivered (nothing changed).")
+        for a, b in zip(seqs, seqs[1:]):
+            if b <= a:
+                raise ApiError(409, "out_of_order", f"seq {b} follows seq {a} in the batch; events must be sent in "
+                               "strictly increasing seq order (nothing changed).")
+
+    def ingest_events(self, device_id: str, req: EventsRequest) -> dict[str, Any]:
+        now = self.clock()
+        with self.storage.transaction():
+            device = self.storage.get_device(device_id)
+            if device is None:
+                raise _not_found(device_id)
+            self._check_seq(device, [e.seq for e in req.events])
+            rollouts: dict[str, RolloutRecord] = {}
+            for e in req.events:
+                if e.rollout_id is not None and e.rollout_id not in rollouts:
+                    r = self.storage.get_rollout(e.rollout_id)
+                    if r is None:
+                        raise ApiError(422, "unknown_rollout", f"Event seq {e.seq} names rollout {e.rollout_id!r}, which "
+                                       "this server does not know (nothing changed).")
+                    rollouts[r.id] = r
+                if e.digest is not None and self.storage.get_bundle_by_digest(e.digest) is None:
+                    raise ApiError(422, "unknown_digest", f"Event seq {e.seq} names bundle digest {e.digest[:12]}…, "
+                                   "which this server does not know (nothing changed).")
+            self.storage.add_events([
+                EventRecord(device_id, e.seq, e.type, e.rollout_id, e.digest, e.version,
+                            e.reason.code if e.reason else None, e.reason.detail if e.reason else None,
+                            float(e.at) if e.at is not None else None, now)
+                for e in req.events
+            ])
+            touched: set[str] = set()
+            for e in req.events:
+                member = self._member_for(device_id, e.rollout_id, e.digest)
+                if member is None:
+                    continue
+                r = self.storage.get_rollout(member.rollout_id)
+                state, kind = logic.member_after_event(member.state, e.type, e.reason.code if e.reason else None, r.status)
+                if state != member.state or kind:
+                    self.storage.save_member(dataclasses.replace(
+                        member, state=state, updated_at=now,
+                        failure_code=kind or member.failure_code,
+                        failure_detail=(e.reason.detail if e.reason and kind else member.failure_detail),
+                    ))
+                    touched.add(r.id)
+            self.storage.save_device(dataclasses.replace(device, last_seq=req.events[-1].seq, last_seen=now))
+            for rid in sorted(touched):
+                self.orchestrator.evaluate(self.storage.get_rollout(rid), now)
+        return {"accepted": len(req.events), "last_seq": req.events[-1].seq}
+
+    def _member_for(self, device_id: str, rollout_id: Optional[str], digest: Optional[str]):
+        if rollout_id is not None:
+            return self.storage.get_member(rollout_id, device_id)
+        if digest is None:
+            return None
+        for member in reversed(self.storage.members_of_device(device_id)):
+            r = self.storage.get_rollout(member.rollout_id)
+            bundle = self.storage.get_bundle(r.bundle_id) if r else None
+            if bundle is not None and bundle.digest == digest:
+                return member
+        return None
+
+    # -------------------------------------------------------------- downloads
+
+    def bundle_path(self, device_id: str, digest: str):
+        if not self.storage.has_grant(device_id, digest) or not self.blobs.exists(digest):
+            raise ApiError(404, "unknown_bundle", "This device has not been directed to that bundle.")
+        return self.blobs.path(digest)
+
+    def delta_path(self, device_id: str, from_digest: str, to_digest: str):
+        if not self.storage.has_grant(device_id, to_digest):
+            raise ApiError(404, "unknown_delta", "This device has not been directed to that bundle.")
+        info = ensure_delta(self.blobs, from_digest, to_digest)
+        if info is None:
+            raise ApiError(404, "unknown_delta", "No delta is offered between these bundles; download the full bundle.")
+        return self.blobs.delta_path(from_digest, to_digest)

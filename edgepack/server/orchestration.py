@@ -1,0 +1,197 @@
+"""Rollout lifecycle: create, admin actions, transactional evaluation (halt/advance), views.
+
+Decisions come from :mod:`.rollout` (pure); this module loads their inputs from
+storage and writes their outcome back, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Callable
+from typing import Any, Optional
+
+from . import rollout as logic
+from .http_errors import ApiError
+from .schemas import RolloutCreate
+from .storage import DeviceRecord, MemberRecord, RolloutRecord, Storage
+
+__all__ = ["Orchestrator"]
+
+_ACTIONS = {
+    "pause": ((logic.ACTIVE,), logic.PAUSED),
+    "resume": ((logic.PAUSED,), logic.ACTIVE),
+    "abort": ((logic.ACTIVE, logic.PAUSED, logic.HALTED), logic.ABORTED),
+    "rollback": ((logic.ACTIVE, logic.PAUSED, logic.HALTED, logic.COMPLETED), logic.ROLLED_BACK),
+}
+_BLOCKING = [logic.ACTIVE, logic.PAUSED, logic.HALTED]
+
+
+def policy_of(r: RolloutRecord) -> logic.Policy:
+    return logic.Policy(tuple(r.steps), r.soak_seconds, r.min_devices_succeeded, r.max_failure_rate, r.halt_min_count)
+
+
+def member_view(m: MemberRecord) -> logic.MemberView:
+    return logic.MemberView(m.device_id, m.step_index, m.state, m.failure_code, m.from_digest)
+
+
+class Orchestrator:
+    def __init__(self, storage: Storage, clock: Callable[[], float]) -> None:
+        self.storage = storage
+        self.clock = clock
+
+    # ------------------------------------------------------------------ admin
+
+    def get(self, rollout_id: str) -> RolloutRecord:
+        found = self.storage.get_rollout(rollout_id)
+        if found is None:
+            raise ApiError(404, "unknown_rollout", f"There is no rollout {rollout_id!r}; list rollouts with GET /v1/admin/rollouts.")
+        return found
+
+    def create(self, req: RolloutCreate) -> RolloutRecord:
+        problems = logic.step_problems(req.steps)
+        if problems:
+            raise ApiError(422, "invalid_steps", "; ".join(problems) + ".")
+        with self.storage.transaction():
+            bundle = self.storage.get_bundle(req.bundle_id)
+            if bundle is None:
+                raise ApiError(422, "unknown_bundle", f"There is no bundle {req.bundle_id!r}; upload it first.")
+            if bundle.stage == "archived":
+                raise ApiError(409, "bundle_archived", f"Bundle {bundle.id} is archived; move it back to staging or "
+                               "production before rolling it out.")
+            blocking = self.storage.list_rollouts(group=req.group, statuses=_BLOCKING)
+            if blocking:
+                raise ApiError(409, "rollout_in_progress", f"Group {req.group!r} already has rollout {blocking[-1].id} "
+                               f"({blocking[-1].status}); complete, abort or roll it back first.")
+            now = self.clock()
+            record = RolloutRecord(
+                id=f"r_{secrets.token_hex(8)}", bundle_id=bundle.id, group=req.group, steps=list(req.steps),
+                soak_seconds=float(req.soak_seconds), min_devices_succeeded=req.min_devices_succeeded,
+                max_failure_rate=float(req.max_failure_rate), halt_min_count=req.halt_min_count,
+                probation=req.probation.model_dump(), status=logic.ACTIVE, step_index=0, step_started_at=now,
+                created_at=now, updated_at=now,
+                history=[{"at": now, "event": "created", "by": "admin", "detail": f"step 0 at {req.steps[0]}%"}],
+            )
+            self.storage.add_rollout(record)
+        return record
+
+    def act(self, rollout_id: str, action: str) -> RolloutRecord:
+        allowed, target = _ACTIONS[action]
+        with self.storage.transaction():
+            r = self.get(rollout_id)
+            if r.status not in allowed:
+                raise ApiError(409, "invalid_transition", f"Rollout {r.id} is {r.status}; '{action}' needs it to be "
+                               f"{' or '.join(allowed)}.")
+            now = self.clock()
+            r = dataclasses.replace(r, status=target, updated_at=now,
+                                    history=r.history + [{"at": now, "event": action, "by": "admin", "detail": None}])
+            self.storage.save_rollout(r)
+            if target == logic.ACTIVE:
+                r = self.evaluate(r, now)
+        return r
+
+    # -------------------------------------------------------------- evaluation
+
+    def evaluate(self, r: RolloutRecord, now: Optional[float] = None) -> RolloutRecord:
+        """Apply auto-halt and step advancement to ``r``; call inside a transaction."""
+        now = self.clock() if now is None else now
+        if r.status not in (logic.ACTIVE, logic.PAUSED, logic.COMPLETED):
+            return r  # completed rollouts still distribute, so late failures can still halt them
+        policy = policy_of(r)
+        members = [member_view(m) for m in self.storage.list_members(r.id)]
+        halt = logic.halt_decision(policy, members)
+        if halt is not None:
+            r = dataclasses.replace(r, status=logic.HALTED, halt_reasons=halt.reasons, updated_at=now,
+                                    history=r.history + [{"at": now, "event": "halted", "by": "auto", "detail": halt.message}])
+            self.storage.save_rollout(r)
+            return r
+        if r.status != logic.ACTIVE:
+            return r
+        positions = self._positions(r)
+        for _ in range(len(r.steps)):
+            eligible = sum(1 for p in positions if p < r.steps[r.step_index])
+            decision = logic.advance_decision(policy, r.step_index, r.step_started_at, now, members, eligible)
+            if decision.action is None:
+                break
+            if decision.action == "complete":
+                r = dataclasses.replace(r, status=logic.COMPLETED, updated_at=now,
+                                        history=r.history + [{"at": now, "event": "completed", "by": "auto", "detail": None}])
+                self.storage.save_rollout(r)
+                break
+            nxt = r.step_index + 1
+            r = dataclasses.replace(r, step_index=nxt, step_started_at=now, updated_at=now,
+                                    history=r.history + [{"at": now, "event": "advanced", "by": "auto",
+                                                          "detail": f"step {nxt} at {r.steps[nxt]}%"}])
+            self.storage.save_rollout(r)
+        return r
+
+    def tick(self) -> list[str]:
+        """Evaluate every active rollout (soak-time advancement); returns ids that changed."""
+        changed = []
+        for r in self.storage.list_rollouts(statuses=[logic.ACTIVE, logic.PAUSED]):
+            with self.storage.transaction():
+                fresh = self.storage.get_rollout(r.id)
+                if fresh is None:
+                    continue
+                after = self.evaluate(fresh)
+                if after != fresh:
+                    changed.append(r.id)
+        return changed
+
+    def _positions(self, r: RolloutRecord) -> list[float]:
+        return [logic.cohort_position(r.id, d.id) for d in self.storage.list_devices(group=r.group)]
+
+    # ---------------------------------------------------------------- directives
+
+    def directive_for(self, device: DeviceRecord, current_digest: Optional[str]) -> tuple[logic.Directive, Optional[RolloutRecord]]:
+        """The directive for a device (inside a transaction); records new memberships."""
+        rollouts = list(reversed(self.storage.list_rollouts(group=device.group)))
+        candidates = rollouts[:1] + [r for r in rollouts[1:] if r.status in (logic.HALTED, logic.ROLLED_BACK)]
+        for r in candidates:
+            bundle = self.storage.get_bundle(r.bundle_id)
+            if bundle is None:
+                continue
+            member = self.storage.get_member(r.id, device.id)
+            decision = logic.compute_directive(
+                r.status, bundle.digest, r.steps, r.step_index, logic.cohort_position(r.id, device.id),
+                member_view(member) if member else None, current_digest,
+            )
+            if decision.action == "none":
+                continue
+            if decision.action == "rollback" and self.storage.get_bundle_by_digest(decision.target) is None:
+                continue  # the server cannot serve a bundle it never received
+            now = self.clock()
+            if decision.join:
+                self.storage.save_member(MemberRecord(r.id, device.id, r.step_index, logic.DIRECTED, current_digest, now, now))
+            self.storage.add_grant(device.id, decision.target, now)
+            return decision, r
+        return logic.NONE, None
+
+    # ---------------------------------------------------------------------- views
+
+    def view(self, r: RolloutRecord, with_members: bool = True) -> dict[str, Any]:
+        policy = policy_of(r)
+        members = self.storage.list_members(r.id)
+        views = [member_view(m) for m in members]
+        positions = self._positions(r)
+        progress = []
+        for p in logic.step_progress(policy, views, positions):
+            status = "done" if p.index < r.step_index or r.status == logic.COMPLETED else (
+                "current" if p.index == r.step_index else "pending")
+            progress.append({**dataclasses.asdict(p), "status": status})
+        waiting: list[str] = []
+        if r.status == logic.ACTIVE:
+            eligible = sum(1 for p in positions if p < r.steps[r.step_index])
+            waiting = logic.advance_decision(policy, r.step_index, r.step_started_at, self.clock(), views, eligible).waiting_for
+        halts = [h for h in r.history if h.get("event") == "halted"]
+        bundle = self.storage.get_bundle(r.bundle_id)
+        return {
+            **{f.name: getattr(r, f.name) for f in dataclasses.fields(r)},
+            "bundle": None if bundle is None else {"id": bundle.id, "name": bundle.name, "version": bundle.version,
+                                                   "digest": bundle.digest, "size": bundle.size},
+            "current_percent": r.steps[r.step_index],
+            "halt_message": halts[-1]["detail"] if halts and r.halt_reasons else None,
+            "waiting_for": waiting,
+            "progress": progress,
+            "members": [dataclasses.asdict(m) for m in members] if with_members else [],
+        }

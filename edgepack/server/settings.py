@@ -1,0 +1,196 @@
+"""Server settings: one frozen, typed object built ONLY here (CLI args + environment).
+
+Everything else receives a :class:`ServerSettings`; nothing else reads the
+environment. Environment variables are ``EDGEPACK_SERVER_<FIELD>`` (e.g.
+``EDGEPACK_SERVER_PORT``); command-line values win over them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ServerError
+
+__all__ = ["ENV_PREFIX", "ServerSettings", "hash_token", "load_settings"]
+
+ENV_PREFIX = "EDGEPACK_SERVER_"
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def hash_token(token: str) -> str:
+    """sha256 hex of a bearer token (what is stored and compared)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Resolved server configuration.
+
+    Attributes:
+        data_dir: Root of the server's state.
+        db_url: ``sqlite:///ABS/PATH`` (default ``DATA/edgepack.db``); other schemes
+            are reserved for future backends.
+        blob_dir: Content-addressed bundle and delta files.
+        admin_token_sha256: sha256 hex of the admin bearer token (the token itself is
+            never kept).
+        trusted_key_files: Public keys (.pub) whose signatures uploads must carry.
+        host, port: Listen address.
+        max_upload_bytes: Largest accepted bundle upload.
+        max_body_bytes: Largest accepted body for every other request.
+        device_rate_limit: Requests per device per ``rate_window_s`` (0 disables).
+        rate_window_s: Rate limit window in seconds.
+        poll_interval_s: Check-in interval suggested to devices.
+        tick_interval_s: How often soak-time advancement is evaluated.
+        stale_after_s: A device not seen for this long shows as stale in the summary.
+    """
+
+    data_dir: Path
+    db_url: str
+    blob_dir: Path
+    admin_token_sha256: str
+    trusted_key_files: tuple[Path, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8400
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    device_rate_limit: int = 120
+    rate_window_s: float = 60.0
+    poll_interval_s: int = 60
+    tick_interval_s: float = 5.0
+    stale_after_s: float = 600.0
+
+    def admin_token_ok(self, token: str) -> bool:
+        """Constant-time check of a presented admin token."""
+        return hmac.compare_digest(hash_token(token), self.admin_token_sha256)
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The database file for ``sqlite:///`` URLs."""
+        if not self.db_url.startswith("sqlite:///"):
+            raise ServerError(f"Database URL {self.db_url!r} is not supported yet; use sqlite:///PATH.")
+        return Path(self.db_url[len("sqlite:///"):])
+
+    @classmethod
+    def for_tests(cls, data_dir: Path, admin_token: str, **overrides: Any) -> ServerSettings:
+        """Settings rooted at ``data_dir`` with a known admin token (no env lookup)."""
+        data_dir = Path(data_dir)
+        base = dict(data_dir=data_dir, db_url=f"sqlite:///{data_dir / 'edgepack.db'}", blob_dir=data_dir / "blobs",
+                    admin_token_sha256=hash_token(admin_token))
+        base.update(overrides)
+        return cls(**base)
+
+
+def _int(name: str, value: Any, minimum: int = 0) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ServerError(f"Setting {name}={value!r} is not a whole number; fix {ENV_PREFIX}{name.upper()} or the option.") from None
+    if number < minimum:
+        raise ServerError(f"Setting {name}={number} must be at least {minimum}.")
+    return number
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ServerError(f"Setting {name}={value!r} is not a number; fix {ENV_PREFIX}{name.upper()} or the option.") from None
+    if not number > 0:
+        raise ServerError(f"Setting {name}={number} must be positive.")
+    return number
+
+
+def _read_token_file(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ServerError(f"Cannot read the admin token file {path}: {exc.strerror or exc}; check the path.") from exc
+    if len(token) < 16:
+        raise ServerError(f"The admin token in {path} is shorter than 16 characters; use a long random token.")
+    return token
+
+
+def _admin_token(data_dir: Path, token_file: Path | None, env: Mapping[str, str], create: bool) -> tuple[str, Path | None]:
+    if token_file is not None:
+        return _read_token_file(token_file), None
+    if env.get(ENV_PREFIX + "ADMIN_TOKEN"):
+        token = env[ENV_PREFIX + "ADMIN_TOKEN"]
+        if len(token) < 16:
+            raise ServerError(f"{ENV_PREFIX}ADMIN_TOKEN is shorter than 16 characters; use a long random token.")
+        return token, None
+    default = data_dir / ADMIN_TOKEN_FILE
+    if default.exists() or not create:
+        return (_read_token_file(default), None) if default.exists() else ("", None)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(default, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return token, default
+
+
+def load_settings(
+    *,
+    data_dir: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    trusted_keys: list[Path] | None = None,
+    admin_token_file: Path | None = None,
+    db_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    create_admin_token: bool = True,
+    require_trusted_keys: bool = False,
+) -> tuple[ServerSettings, Path | None]:
+    """Build settings from command-line values, falling back to ``EDGEPACK_SERVER_*``.
+
+    Returns:
+        (settings, path of a newly generated admin token file or None). Without any
+        admin token configured, one is generated into ``DATA/admin.token`` (mode 0600).
+
+    Raises:
+        ServerError: A value is malformed, the data directory cannot be created, or
+            ``require_trusted_keys`` is set and no trusted key is configured.
+    """
+    env = os.environ if env is None else env
+
+    def pick(cli: Any, key: str, default: Any) -> Any:
+        return cli if cli is not None else env.get(ENV_PREFIX + key, default)
+
+    data = Path(pick(data_dir, "DATA", "edgepack-server-data")).expanduser().resolve()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServerError(f"Cannot create the data directory {data}: {exc.strerror or exc}; choose a writable path.") from exc
+    keys_env = env.get(ENV_PREFIX + "TRUSTED_KEYS", "")
+    keys = list(trusted_keys or []) or [Path(p) for p in keys_env.split(os.pathsep) if p]
+    if require_trusted_keys and not keys:
+        raise ServerError("No trusted public keys: pass --trusted-key PUB (the .pub of the key your bundles are signed "
+                          f"with) or set {ENV_PREFIX}TRUSTED_KEYS, so uploads can be verified.")
+    token_file = admin_token_file or (Path(env[ENV_PREFIX + "ADMIN_TOKEN_FILE"]) if env.get(ENV_PREFIX + "ADMIN_TOKEN_FILE") else None)
+    token, created = _admin_token(data, token_file, env, create_admin_token)
+    settings = ServerSettings(
+        data_dir=data,
+        db_url=pick(db_url, "DB_URL", f"sqlite:///{data / 'edgepack.db'}"),
+        blob_dir=Path(env.get(ENV_PREFIX + "BLOB_DIR", data / "blobs")),
+        admin_token_sha256=hash_token(token) if token else "",
+        trusted_key_files=tuple(Path(k).expanduser().resolve() for k in keys),
+        host=str(pick(host, "HOST", "127.0.0.1")),
+        port=_int("port", pick(port, "PORT", 8400)),
+        max_upload_bytes=_int("max_upload_bytes", env.get(ENV_PREFIX + "MAX_UPLOAD_BYTES", 512 * 1024 * 1024), 1),
+        max_body_bytes=_int("max_body_bytes", env.get(ENV_PREFIX + "MAX_BODY_BYTES", 1024 * 1024), 1024),
+        device_rate_limit=_int("device_rate_limit", env.get(ENV_PREFIX + "DEVICE_RATE_LIMIT", 120)),
+        rate_window_s=_float("rate_window_s", env.get(ENV_PREFIX + "RATE_WINDOW_S", 60)),
+        poll_interval_s=_int("poll_interval_s", env.get(ENV_PREFIX + "POLL_INTERVAL_S", 60), 1),
+        tick_interval_s=_float("tick_interval_s", env.get(ENV_PREFIX + "TICK_INTERVAL_S", 5)),
+        stale_after_s=_float("stale_after_s", env.get(ENV_PREFIX + "STALE_AFTER_S", 600)),
+    )
+    settings.sqlite_path  # noqa: B018 - validates the URL scheme early
+    return settings, created

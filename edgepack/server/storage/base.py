@@ -1,0 +1,147 @@
+"""The storage interface the server uses, free of any database specifics.
+
+Records are plain frozen dataclasses; JSON-ish fields are Python dicts/lists.
+Every method that changes several rows is atomic on its own, and callers group
+several calls into one atomic unit with ``with storage.transaction():``
+(transactions nest: only the outermost one commits).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, runtime_checkable
+
+__all__ = [
+    "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+]
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    id: str
+    name: str
+    version: str
+    digest: str
+    size: int
+    stage: str
+    key_id: str
+    manifest: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class StageChange:
+    bundle_id: str
+    from_stage: Optional[str]
+    to_stage: str
+    at: float
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: str
+    group: str
+    tags: list[str]
+    profile: Optional[str]
+    token_sha256: str
+    created_at: float
+    last_seen: Optional[float] = None
+    last_seq: int = -1
+    state: Optional[str] = None
+    current: Optional[dict[str, Any]] = None
+    previous: Optional[dict[str, Any]] = None
+    health: Optional[dict[str, Any]] = None
+    runtime_version: Optional[str] = None
+    engines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: str
+    bundle_id: str
+    group: str
+    steps: list[float]
+    soak_seconds: float
+    min_devices_succeeded: int
+    max_failure_rate: float
+    halt_min_count: int
+    probation: dict[str, Any]
+    status: str
+    step_index: int
+    step_started_at: float
+    created_at: float
+    updated_at: float
+    halt_reasons: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    rollout_id: str
+    device_id: str
+    step_index: int
+    state: str
+    from_digest: Optional[str]
+    joined_at: float
+    updated_at: float
+    failure_code: Optional[str] = None
+    failure_detail: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    device_id: str
+    seq: int
+    type: str
+    rollout_id: Optional[str]
+    digest: Optional[str]
+    version: Optional[str]
+    reason_code: Optional[str]
+    reason_detail: Optional[str]
+    at: Optional[float]
+    received_at: float
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Persistence for the update server (SQLite now, PostgreSQL later)."""
+
+    # lifecycle
+    def migrate(self) -> list[int]: """Apply pending schema migrations; return the versions applied."""
+    def schema_version(self) -> int: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def close(self) -> None: ...
+
+    # bundles and stage history
+    def add_bundle(self, bundle: BundleRecord) -> None: ...
+    def get_bundle(self, bundle_id: str) -> Optional[BundleRecord]: ...
+    def get_bundle_by_digest(self, digest: str) -> Optional[BundleRecord]: ...
+    def find_bundle(self, name: str, version: str) -> Optional[BundleRecord]: ...
+    def list_bundles(self) -> list[BundleRecord]: ...
+    def set_bundle_stage(self, bundle_id: str, stage: str, at: float) -> None: ...
+    def stage_history(self, bundle_id: str) -> list[StageChange]: ...
+
+    # devices (including the per-device event seq, ``last_seq``)
+    def add_device(self, device: DeviceRecord) -> None: ...
+    def get_device(self, device_id: str) -> Optional[DeviceRecord]: ...
+    def get_device_by_token_hash(self, token_sha256: str) -> Optional[DeviceRecord]: ...
+    def list_devices(self, group: Optional[str] = None) -> list[DeviceRecord]: ...
+    def save_device(self, device: DeviceRecord) -> None: ...
+
+    # rollouts, memberships (cohort states) and download grants
+    def add_rollout(self, rollout: RolloutRecord) -> None: ...
+    def get_rollout(self, rollout_id: str) -> Optional[RolloutRecord]: ...
+    def list_rollouts(self, group: Optional[str] = None, statuses: Optional[list[str]] = None) -> list[RolloutRecord]: ...
+    def save_rollout(self, rollout: RolloutRecord) -> None: ...
+    def get_member(self, rollout_id: str, device_id: str) -> Optional[MemberRecord]: ...
+    def list_members(self, rollout_id: str) -> list[MemberRecord]: ...
+    def members_of_device(self, device_id: str) -> list[MemberRecord]: ...
+    def save_member(self, member: MemberRecord) -> None: ...
+    def add_grant(self, device_id: str, digest: str, at: float) -> None: ...
+    def has_grant(self, device_id: str, digest: str) -> bool: ...
+
+    # events
+    def add_events(self, events: list[EventRecord]) -> None: ...
+    def list_events(self, device_id: Optional[str] = None, rollout_id: Optional[str] = None, limit: int = 100) -> list[EventRecord]: ...
+

@@ -1,0 +1,62 @@
+"""Versioned schema migrations, recorded in ``schema_migrations``.
+
+Each migration is a list of plain SQL statements (TEXT / INTEGER / REAL columns, no
+vendor extensions) applied in one transaction together with its
+``schema_migrations`` row, so a crash never leaves a half-applied version. A future
+PostgreSQL backend can reuse these statements (REAL → DOUBLE PRECISION aside).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MIGRATIONS", "Migration", "latest_version"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", (
+        """CREATE TABLE bundles (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL, stage TEXT NOT NULL, key_id TEXT NOT NULL, manifest TEXT NOT NULL,
+            created_at REAL NOT NULL, UNIQUE (name, version))""",
+        """CREATE TABLE stage_history (
+            bundle_id TEXT NOT NULL REFERENCES bundles(id), n INTEGER NOT NULL, from_stage TEXT, to_stage TEXT NOT NULL,
+            at REAL NOT NULL, PRIMARY KEY (bundle_id, n))""",
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY, grp TEXT NOT NULL, tags TEXT NOT NULL, profile TEXT, token_sha256 TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL, last_seen REAL, last_seq INTEGER NOT NULL, state TEXT, current TEXT,
+            previous TEXT, health TEXT, runtime_version TEXT, engines TEXT NOT NULL)""",
+        "CREATE INDEX devices_grp ON devices (grp)",
+        """CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY, bundle_id TEXT NOT NULL REFERENCES bundles(id), grp TEXT NOT NULL, steps TEXT NOT NULL,
+            soak_seconds REAL NOT NULL, min_devices_succeeded INTEGER NOT NULL, max_failure_rate REAL NOT NULL,
+            halt_min_count INTEGER NOT NULL, probation TEXT NOT NULL, status TEXT NOT NULL, step_index INTEGER NOT NULL,
+            step_started_at REAL NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+            halt_reasons TEXT NOT NULL, history TEXT NOT NULL)""",
+        "CREATE INDEX rollouts_grp ON rollouts (grp, created_at)",
+        """CREATE TABLE rollout_members (
+            rollout_id TEXT NOT NULL REFERENCES rollouts(id), device_id TEXT NOT NULL REFERENCES devices(id),
+            step_index INTEGER NOT NULL, state TEXT NOT NULL, from_digest TEXT, joined_at REAL NOT NULL,
+            updated_at REAL NOT NULL, failure_code TEXT, failure_detail TEXT, PRIMARY KEY (rollout_id, device_id))""",
+        "CREATE INDEX rollout_members_device ON rollout_members (device_id)",
+        """CREATE TABLE grants (
+            device_id TEXT NOT NULL REFERENCES devices(id), digest TEXT NOT NULL, at REAL NOT NULL,
+            PRIMARY KEY (device_id, digest))""",
+        """CREATE TABLE events (
+            device_id TEXT NOT NULL REFERENCES devices(id), seq INTEGER NOT NULL, type TEXT NOT NULL, rollout_id TEXT,
+            digest TEXT, version TEXT, reason_code TEXT, reason_detail TEXT, at REAL, received_at REAL NOT NULL,
+            PRIMARY KEY (device_id, seq))""",
+        "CREATE INDEX events_rollout ON events (rollout_id)",
+    )),
+)
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1].version

@@ -1,0 +1,293 @@
+"""SQLite implementation of :class:`~.base.Storage` (stdlib ``sqlite3``).
+
+One connection shared by all threads behind a re-entrant lock (requests are short;
+SQLite serializes writers anyway). WAL journal with ``synchronous=FULL``: a
+committed transaction survives SIGKILL and power loss. Every multi-row change runs
+inside ``BEGIN IMMEDIATE … COMMIT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import astuple, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ...errors import ServerError
+from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange
+from .migrations import MIGRATIONS, Migration
+
+__all__ = ["SqliteStorage"]
+
+
+def _j(value: Any) -> Optional[str]:
+    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _u(text: Optional[str]) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class SqliteStorage:
+    """Storage in one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise ServerError(f"Cannot open the database {self.path}: {exc}; check the path and permissions.") from exc
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._conn.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self._conn.execute("COMMIT")
+
+    def _q(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _x(self, sql: str, params: tuple = ()) -> int:
+        with self._lock:
+            return self._conn.execute(sql, params).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---------------------------------------------------------------- migrations
+
+    def schema_version(self) -> int:
+        rows = self._q("SELECT name FROM sqlite_master WHERE type='table' AND name='schema_migrations'")
+        if not rows:
+            return 0
+        return self._q("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0]
+
+    def migrate(self) -> list[int]:
+        applied = []
+        with self.transaction():
+            self._x("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+        current = self.schema_version()
+        if current > MIGRATIONS[-1].version:
+            raise ServerError(
+                f"The database {self.path} has schema version {current}, newer than this edgepack supports "
+                f"({MIGRATIONS[-1].version}); upgrade edgepack."
+            )
+        for migration in MIGRATIONS:
+            if migration.version > current:
+                self._apply(migration)
+                applied.append(migration.version)
+        return applied
+
+    def _apply(self, migration: Migration) -> None:
+        with self.transaction():
+            for statement in migration.statements:
+                self._x(statement)
+            self._x("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()))
+
+    # ------------------------------------------------------------------- bundles
+
+    _BUNDLE_COLS = "id, name, version, digest, size, stage, key_id, manifest, created_at"
+
+    @staticmethod
+    def _bundle(row: tuple) -> BundleRecord:
+        return BundleRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], _u(row[7]), row[8])
+
+    def add_bundle(self, bundle: BundleRecord) -> None:
+        with self.transaction():
+            self._x(f"INSERT INTO bundles ({self._BUNDLE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (bundle.id, bundle.name, bundle.version, bundle.digest, bundle.size, bundle.stage, bundle.key_id,
+                     _j(bundle.manifest), bundle.created_at))
+            self._x("INSERT INTO stage_history (bundle_id, n, from_stage, to_stage, at) VALUES (?, 0, NULL, ?, ?)",
+                    (bundle.id, bundle.stage, bundle.created_at))
+
+    def _one_bundle(self, where: str, params: tuple) -> Optional[BundleRecord]:
+        rows = self._q(f"SELECT {self._BUNDLE_COLS} FROM bundles WHERE {where}", params)
+        return self._bundle(rows[0]) if rows else None
+
+    def get_bundle(self, bundle_id: str) -> Optional[BundleRecord]:
+        return self._one_bundle("id = ?", (bundle_id,))
+
+    def get_bundle_by_digest(self, digest: str) -> Optional[BundleRecord]:
+        return self._one_bundle("digest = ?", (digest,))
+
+    def find_bundle(self, name: str, version: str) -> Optional[BundleRecord]:
+        return self._one_bundle("name = ? AND version = ?", (name, version))
+
+    def list_bundles(self) -> list[BundleRecord]:
+        return [self._bundle(r) for r in self._q(f"SELECT {self._BUNDLE_COLS} FROM bundles ORDER BY created_at, id")]
+
+    def set_bundle_stage(self, bundle_id: str, stage: str, at: float) -> None:
+        with self.transaction():
+            old = self._q("SELECT stage FROM bundles WHERE id = ?", (bundle_id,))
+            if not old:
+                raise KeyError(bundle_id)
+            n = self._q("SELECT COALESCE(MAX(n), -1) + 1 FROM stage_history WHERE bundle_id = ?", (bundle_id,))[0][0]
+            self._x("UPDATE bundles SET stage = ? WHERE id = ?", (stage, bundle_id))
+            self._x("INSERT INTO stage_history (bundle_id, n, from_stage, to_stage, at) VALUES (?, ?, ?, ?, ?)",
+                    (bundle_id, n, old[0][0], stage, at))
+
+    def stage_history(self, bundle_id: str) -> list[StageChange]:
+        rows = self._q("SELECT bundle_id, from_stage, to_stage, at FROM stage_history WHERE bundle_id = ? ORDER BY n", (bundle_id,))
+        return [StageChange(*r) for r in rows]
+
+    # ------------------------------------------------------------------- devices
+
+    _DEVICE_COLS = ("id, grp, tags, profile, token_sha256, created_at, last_seen, last_seq, state, current, previous, "
+                    "health, runtime_version, engines")
+
+    @staticmethod
+    def _device(r: tuple) -> DeviceRecord:
+        return DeviceRecord(r[0], r[1], _u(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], _u(r[9]), _u(r[10]), _u(r[11]),
+                            r[12], _u(r[13]))
+
+    @staticmethod
+    def _device_params(d: DeviceRecord) -> tuple:
+        return (d.id, d.group, _j(d.tags), d.profile, d.token_sha256, d.created_at, d.last_seen, d.last_seq, d.state,
+                _j(d.current), _j(d.previous), _j(d.health), d.runtime_version, _j(d.engines))
+
+    def add_device(self, device: DeviceRecord) -> None:
+        self._x(f"INSERT INTO devices ({self._DEVICE_COLS}) VALUES ({', '.join('?' * 14)})", self._device_params(device))
+
+    def save_device(self, device: DeviceRecord) -> None:
+        cols = [c.strip() for c in self._DEVICE_COLS.split(",")][1:]
+        params = self._device_params(device)
+        changed = self._x(f"UPDATE devices SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?", params[1:] + (device.id,))
+        if not changed:
+            raise KeyError(device.id)
+
+    def get_device(self, device_id: str) -> Optional[DeviceRecord]:
+        rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE id = ?", (device_id,))
+        return self._device(rows[0]) if rows else None
+
+    def get_device_by_token_hash(self, token_sha256: str) -> Optional[DeviceRecord]:
+        rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE token_sha256 = ?", (token_sha256,))
+        return self._device(rows[0]) if rows else None
+
+    def list_devices(self, group: Optional[str] = None) -> list[DeviceRecord]:
+        if group is None:
+            rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices ORDER BY id")
+        else:
+            rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE grp = ? ORDER BY id", (group,))
+        return [self._device(r) for r in rows]
+
+    # ------------------------------------------------------------------ rollouts
+
+    _ROLLOUT_COLS = ("id, bundle_id, grp, steps, soak_seconds, min_devices_succeeded, max_failure_rate, halt_min_count, "
+                     "probation, status, step_index, step_started_at, created_at, updated_at, halt_reasons, history")
+
+    @staticmethod
+    def _rollout(r: tuple) -> RolloutRecord:
+        return RolloutRecord(r[0], r[1], r[2], _u(r[3]), r[4], r[5], r[6], r[7], _u(r[8]), r[9], r[10], r[11], r[12],
+                             r[13], _u(r[14]), _u(r[15]))
+
+    @staticmethod
+    def _rollout_params(x: RolloutRecord) -> tuple:
+        return (x.id, x.bundle_id, x.group, _j(x.steps), x.soak_seconds, x.min_devices_succeeded, x.max_failure_rate,
+                x.halt_min_count, _j(x.probation), x.status, x.step_index, x.step_started_at, x.created_at, x.updated_at,
+                _j(x.halt_reasons), _j(x.history))
+
+    def add_rollout(self, rollout: RolloutRecord) -> None:
+        self._x(f"INSERT INTO rollouts ({self._ROLLOUT_COLS}) VALUES ({', '.join('?' * 16)})", self._rollout_params(rollout))
+
+    def save_rollout(self, rollout: RolloutRecord) -> None:
+        cols = [c.strip() for c in self._ROLLOUT_COLS.split(",")][1:]
+        params = self._rollout_params(rollout)
+        if not self._x(f"UPDATE rollouts SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?", params[1:] + (rollout.id,)):
+            raise KeyError(rollout.id)
+
+    def get_rollout(self, rollout_id: str) -> Optional[RolloutRecord]:
+        rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE id = ?", (rollout_id,))
+        return self._rollout(rows[0]) if rows else None
+
+    def list_rollouts(self, group: Optional[str] = None, statuses: Optional[list[str]] = None) -> list[RolloutRecord]:
+        where, params = [], []
+        if group is not None:
+            where.append("grp = ?")
+            params.append(group)
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params.extend(statuses)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts {clause} ORDER BY created_at, id", tuple(params))
+        return [self._rollout(r) for r in rows]
+
+    _MEMBER_COLS = "rollout_id, device_id, step_index, state, from_digest, joined_at, updated_at, failure_code, failure_detail"
+
+    def get_member(self, rollout_id: str, device_id: str) -> Optional[MemberRecord]:
+        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = ? AND device_id = ?",
+                       (rollout_id, device_id))
+        return MemberRecord(*rows[0]) if rows else None
+
+    def list_members(self, rollout_id: str) -> list[MemberRecord]:
+        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = ? ORDER BY device_id", (rollout_id,))
+        return [MemberRecord(*r) for r in rows]
+
+    def members_of_device(self, device_id: str) -> list[MemberRecord]:
+        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE device_id = ? ORDER BY joined_at", (device_id,))
+        return [MemberRecord(*r) for r in rows]
+
+    def save_member(self, member: MemberRecord) -> None:
+        values = astuple(member)
+        names = [f.name for f in fields(MemberRecord)]
+        with self.transaction():
+            if self.get_member(member.rollout_id, member.device_id) is None:
+                self._x(f"INSERT INTO rollout_members ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
+            else:
+                self._x(f"UPDATE rollout_members SET {', '.join(n + ' = ?' for n in names[2:])} "
+                        "WHERE rollout_id = ? AND device_id = ?", values[2:] + values[:2])
+
+    def add_grant(self, device_id: str, digest: str, at: float) -> None:
+        self._x("INSERT OR IGNORE INTO grants (device_id, digest, at) VALUES (?, ?, ?)", (device_id, digest, at))
+
+    def has_grant(self, device_id: str, digest: str) -> bool:
+        return bool(self._q("SELECT 1 FROM grants WHERE device_id = ? AND digest = ?", (device_id, digest)))
+
+    # -------------------------------------------------------------------- events
+
+    _EVENT_COLS = "device_id, seq, type, rollout_id, digest, version, reason_code, reason_detail, at, received_at"
+
+    def add_events(self, events: list[EventRecord]) -> None:
+        with self.transaction():
+            for e in events:
+                self._x(f"INSERT INTO events ({self._EVENT_COLS}) VALUES ({', '.join('?' * 10)})", astuple(e))
+
+    def list_events(self, device_id: Optional[str] = None, rollout_id: Optional[str] = None, limit: int = 100) -> list[EventRecord]:
+        where, params = [], []
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        if rollout_id is not None:
+            where.append("rollout_id = ?")
+            params.append(rollout_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._q(f"SELECT {self._EVENT_COLS} FROM events {clause} ORDER BY received_at DESC, seq DESC LIMIT ?",
+                       (*params, int(limit)))
+        return [EventRecord(*r) for r in rows]
