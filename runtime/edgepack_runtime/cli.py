@@ -121,6 +121,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return daemon.main_from_args(args, _config(args))
 
 
+def cmd_ota(args: argparse.Namespace) -> int:
+    from .ota.client import main_from_args
+
+    _pin_keys(Path(args.cache), args.key or [])
+    return main_from_args(args, _config(args), _fault_hook())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepack-runtime", description="edgepack device runtime.")
     parser.add_argument("--version", action="version", version=f"edgepack-runtime {__version__}")
@@ -147,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-sample", type=float, default=0.0, help="Share of requests to log (0..1).")
     p.add_argument("--log-max-mb", type=float, default=64.0, help="Prediction log size cap.")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("ota", parents=[common], help="Poll an OTA server and apply its updates (docs/ota-protocol.md).")
+    p.add_argument("--server", required=True, help="OTA server base URL.")
+    p.add_argument("--device-id", required=True, help="This device's id.")
+    p.add_argument("--token-file", required=True, help="File holding the device token.")
+    p.add_argument("--once", action="store_true", help="One cycle (finish or undo any half-done update, check in, act), then exit.")
+    p.add_argument("--interval", type=float, default=60.0, help="Poll interval in seconds until the server sets one.")
+    p.set_defaults(func=cmd_ota)
     return parser
 
 

@@ -155,7 +155,7 @@ class HttpClient:
             try:
                 while True:
                     try:
-                        data = resp.read1(chunk) if hasattr(resp, "read1") else resp.read(chunk)
+                        data = resp.read(chunk)  # exactly `chunk` bytes unless the body ends
                     except BaseException as exc:
                         raise _translate(exc, what, sent=True) from exc
                     if not data:

@@ -115,6 +115,9 @@ def _blank() -> Dict[str, Any]:
         "boots": 0,               # process starts that found this update half-done
         "attempts": {},           # digest -> failed attempts (loop guard across cycles)
         "reason": None,           # structured reason of a failure / rollback in progress
+        "rollback_from": None,    # digest to leave (current when the rollback started)
+        "rollback_to": None,      # digest to return to
+        "reserved": 0,            # seq numbers up to here may have been used (reserved in blocks)
         "probation": None,        # counters and baseline while in probation
         "outbox": [],             # events created by the last transition (re-queued after a crash)
         "updated_at": 0.0,
@@ -140,6 +143,8 @@ class Machine:
             stored = json.loads(self.path.read_bytes())
             if isinstance(stored, dict) and stored.get("state") in STATES:
                 data.update(stored)
+                # seq numbers handed out in memory since the last save lie at or below "reserved"
+                data["seq"] = max(int(data.get("seq") or 0), int(data.get("reserved") or 0))
         except (FileNotFoundError, ValueError, OSError):
             pass  # no file or an unreadable one: start idle (the cache itself is always consistent)
         return data
@@ -158,17 +163,24 @@ class Machine:
         self.data.update(changes)
         self.save()
 
-    def next_seq(self) -> int:
-        """A fresh seq, persisted before it is used."""
-        self.data["seq"] = int(self.data.get("seq") or 0) + 1
-        self.save()
-        return int(self.data["seq"])
+    def next_seq(self, block: int = 64) -> int:
+        """A fresh seq for a check-in. Reserved on disk in blocks of ``block`` before use, so a
+        restart never reuses one and an offline device does not write on every poll."""
+        seq = int(self.data.get("seq") or 0) + 1
+        if seq > int(self.data.get("reserved") or 0):
+            self.data["reserved"] = seq + block - 1
+            self.data["seq"] = seq
+            self.save()
+        self.data["seq"] = seq
+        return seq
 
-    def fire(self, event: str, outbox: Optional[List[Dict[str, Any]]] = None, **changes: Any) -> str:
+    def fire(self, event: str, outbox: Optional[List[Dict[str, Any]]] = None, persist: bool = True, **changes: Any) -> str:
         """Move to TRANSITIONS[(state, event)], persist, then call the fault hook ``ota:<state>``.
 
         ``outbox`` events (seq already assigned) are saved in the same write, so an event
-        is never lost between the state change and its append to the queue.
+        is never lost between the state change and its append to the queue. ``persist``
+        off is only for transitions that change nothing on the device (idle ⇄ checking):
+        the file then keeps saying idle, which is the truth.
 
         Raises:
             TransitionError: The event is not allowed in the current state.
@@ -181,11 +193,13 @@ class Machine:
         self.data["state"] = nxt
         self.data["outbox"] = list(outbox or [])
         if nxt == IDLE:
-            for name in ("directive", "target", "previous_digest", "source", "reason", "probation"):
+            for name in ("directive", "target", "previous_digest", "source", "reason", "probation", "rollback_from",
+                         "rollback_to"):
                 self.data[name] = None
             self.data["offset"] = 0
             self.data["boots"] = 0
-        self.save()
+        if persist or outbox:
+            self.save()
         self.fault(f"ota:{nxt}")
         return nxt
 
