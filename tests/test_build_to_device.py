@@ -74,3 +74,36 @@ def test_device_prefers_the_variant_it_is_told_to(digits_bundle, tmp_path):
         result = runtime("verify", "--cache", str(cache), "--prefer", prefer, "--json")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["variant"] == prefer
+
+
+@pytest.mark.slow
+def test_photo_example_builds_a_signed_fp32_and_int8_bundle_that_verifies_and_runs(tmp_path):
+    """The image-classification example: raw RGB photos in, resize/crop/normalize inside the bundle."""
+    from typer.testing import CliRunner
+
+    from edgepack.cli.app import app
+
+    work = tmp_path / "photos"
+    shutil.copytree(ROOT / "examples" / "photos", work, ignore=shutil.ignore_patterns("keys", "dist"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["keys", "generate", "--dir", str(work / "keys"), "--name", "photos"]).exit_code == 0
+    result = runner.invoke(app, ["build", str(work / "edgepack.yaml"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    bundle = work / "dist" / "photos-1.0.0.epk"
+    result = runner.invoke(app, ["verify", str(bundle), "--key", str(work / "keys" / "photos.pub"), "--json"])
+    assert result.exit_code == 0, result.stderr
+
+    from edgepack_runtime.bundle import load_public_key, verify_bundle
+
+    manifest = verify_bundle(bundle, load_public_key(work / "keys" / "photos.pub"))
+    assert {v["precision"] for v in manifest.variants} == {"fp32", "int8"}
+    gates = manifest["gates"]
+    assert gates["passed"] is True and set(gates["results"]) >= {"onnx-fp32", "onnx-int8"}
+
+    cache = tmp_path / "cache"
+    assert runtime("install", str(bundle), "--cache", str(cache), "--key", str(work / "keys" / "photos.pub")).returncode == 0
+    import edgepack_runtime
+
+    val = np.load(ROOT / "examples" / "photos" / "val.npz")
+    out = edgepack_runtime.open(cache).predict(val["raw"])
+    assert float((out["scores"].argmax(1) == val["labels"]).mean()) >= 0.9
