@@ -81,8 +81,19 @@ def demo() -> None:
     ))
 
 
+def system_deps() -> None:
+    """Debian packages the tests drive for real (headless Chromium for the dashboard)."""
+    script = ROOT / "ci" / "install-system-deps.sh"
+    if script.exists() and not Path("/usr/bin/chromium").exists():
+        if os.geteuid() != 0:
+            print("Chromium is missing and this is not root: run `sudo bash ci/install-system-deps.sh` first.", flush=True)
+            return
+        _run("bash", script)
+
+
 def test(extra: list[str]) -> None:
     """The whole test suite."""
+    system_deps()
     _run(PY, "-m", "pytest", *extra)
 
 

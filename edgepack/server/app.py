@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Request, Security
@@ -129,17 +130,7 @@ def _device_out(d: DeviceRecord) -> dict[str, Any]:
     return {k: v for k, v in d.__dict__.items() if k != "token_sha256"}
 
 
-_DASHBOARD = """<!doctype html>
-<html><head><meta charset="utf-8"><title>edgepack fleet</title></head>
-<body><h1>edgepack fleet</h1><p>Admin token: <input id="t" type="password"> <button id="b">Load</button></p>
-<pre id="out">Enter the admin token to load /v1/admin/summary.</pre>
-<script>
-document.getElementById('b').onclick = async () => {
-  const r = await fetch('/v1/admin/summary', {headers: {Authorization: 'Bearer ' + document.getElementById('t').value}});
-  document.getElementById('out').textContent = JSON.stringify(await r.json(), null, 2);
-};
-</script></body></html>
-"""
+_DASHBOARD = Path(__file__).resolve().parent / "static" / "dashboard.html"
 
 
 # ------------------------------------------------------------------------ app
@@ -353,8 +344,9 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
         return build_summary(settings, storage, orchestrator, clock)
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
-    def dashboard() -> str:
-        return _DASHBOARD
+    def dashboard() -> HTMLResponse:
+        # Read per request: a static, self-contained page (no external assets); it fetches /v1/admin/summary.
+        return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .orchestration import Orchestrator
+from .rollout import FAILED
 from .settings import ServerSettings
 from .storage import DeviceRecord, Storage
 
-__all__ = ["build_summary", "device_health"]
+__all__ = ["build_summary", "device_health", "rollout_failures"]
 
 
 def device_health(device: DeviceRecord, now: float, stale_after_s: float) -> str:
@@ -56,5 +57,16 @@ def build_summary(settings: ServerSettings, storage: Storage, orchestrator: Orch
         agg["p95_ms_max"] = max(p95) if p95 else None
         version_rows.append(agg)
     version_rows.sort(key=lambda a: (str(a["name"]), str(a["version"])))
-    rollouts = [orchestrator.view(r, with_members=False) for r in reversed(storage.list_rollouts())]
+    rollouts = []
+    for r in reversed(storage.list_rollouts()):
+        view = orchestrator.view(r, with_members=False)
+        view["failures"] = rollout_failures(storage, r.id)
+        rollouts.append(view)
     return {"generated_at": now, "rollouts": rollouts, "devices": device_rows, "versions": version_rows}
+
+
+def rollout_failures(storage: Storage, rollout_id: str) -> list[dict[str, Any]]:
+    """The failed members of a rollout with what their devices reported (the dashboard's halt details)."""
+    return [{"device_id": m.device_id, "step_index": m.step_index, "code": m.failure_code, "detail": m.failure_detail,
+             "at": m.updated_at}
+            for m in storage.list_members(rollout_id) if m.state == FAILED]
