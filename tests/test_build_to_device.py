@@ -107,3 +107,42 @@ def test_photo_example_builds_a_signed_fp32_and_int8_bundle_that_verifies_and_ru
     val = np.load(ROOT / "examples" / "photos" / "val.npz")
     out = edgepack_runtime.open(cache).predict(val["raw"])
     assert float((out["scores"].argmax(1) == val["labels"]).mean()) >= 0.9
+
+
+@pytest.mark.parametrize("example", ["digits", "photos"])
+def test_example_bundles_serve_through_the_daemon_with_validated_raw_input(example, tmp_path):
+    """The examples' built bundles, served by the real daemon over its Unix socket."""
+    from typer.testing import CliRunner
+
+    from edgepack.cli.app import app
+    from test_daemon import npy, serve
+
+    work = tmp_path / example
+    shutil.copytree(ROOT / "examples" / example, work, ignore=shutil.ignore_patterns("keys", "dist", "train.py"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["keys", "generate", "--dir", str(work / "keys"), "--name", example]).exit_code == 0
+    result = runner.invoke(app, ["build", str(work / "edgepack.yaml")])
+    assert result.exit_code == 0, result.stderr
+    bundle = next((work / "dist").glob("*.epk"))
+    cache = tmp_path / "cache"
+    assert runtime("install", str(bundle), "--cache", str(cache), "--key", str(work / "keys" / f"{example}.pub")).returncode == 0
+
+    val = np.load(ROOT / "examples" / example / "val.npz")
+    raw, labels = val["raw"][:16], val["labels"][:16]
+    import edgepack_runtime
+
+    model = edgepack_runtime.open(cache)
+    expected = model.predict(raw)["scores"]
+    name = model.inputs[0]["name"]
+    with serve(cache, tmp_path) as daemon:
+        status, body = daemon.json("POST", "/predict", {"inputs": {name: raw.tolist()}}, conn=daemon.unix())
+        assert status == 200, body
+        scores = np.asarray(body["outputs"]["scores"], np.float32)
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
+        assert (scores.argmax(1) == labels).mean() >= 0.85
+        status, _, payload = daemon.request("POST", "/predict", npy(raw), {"Content-Type": "application/x-npy"}, conn=daemon.unix())
+        assert status == 200
+        # Raw input the manifest does not allow: fractional pixels, values above 255, an image of the wrong size.
+        for bad in (raw.astype(np.float32) + 0.5, raw.astype(np.int64) + 256, np.zeros((1, 3, 3, raw.shape[-1]), np.uint8)):
+            status, body = daemon.json("POST", "/predict", {"inputs": {name: bad.tolist()}}, conn=daemon.unix())
+            assert status == 400 and body["error"]["field"] == name, body
