@@ -6,7 +6,6 @@ paths), so the same project and inputs always sign the same manifest bytes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import subprocess
 from dataclasses import asdict
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgepack_runtime.cache import file_sha256
 
 from ..modelio import TensorSpec
 
@@ -32,14 +33,6 @@ def variant_id(variant: str) -> str:
 
 def variant_file(variant: str) -> str:
     return f"models/{variant_id(variant)}.onnx"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_commit(directory: Path) -> str | None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Union
 
 from . import _ed25519, _ustar
+from ._fs import fsync_dir
 from .errors import BundleError, EdgepackError, VerificationError
 
 __all__ = [
@@ -675,7 +676,7 @@ def extract_bundle(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return verified.manifest
 
 
@@ -697,7 +698,7 @@ def _unpack(fh: BinaryIO, verified: _Verified, root: Path, on_member: Callable[[
             on_member(member.name)
     for directory in reversed(created):
         os.chmod(directory, 0o755)  # mkdtemp made the root 0700
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _unpack_member(fh: BinaryIO, member: _ustar.Member, target: Path, expected: str) -> None:
@@ -716,20 +717,6 @@ def _unpack_member(fh: BinaryIO, member: _ustar.Member, target: Path, expected: 
             f"Bundle member {member.name!r} changed on disk between verification and extraction: nothing was "
             "extracted; make sure nothing writes to the bundle and try again."
         )
-
-
-def _fsync_dir(directory: Path) -> None:
-    # A rename or new entry is durable only once its directory is on disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------- unpacked bundles
