@@ -35,7 +35,7 @@ from .http_errors import ApiError, error_body
 from .orchestration import Orchestrator
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
-from .storage import BundleRecord, DeviceRecord, Storage
+from .storage import BundleRecord, DeviceRecord, Storage, TokenOwner
 from .summary import build_summary
 
 __all__ = ["create_app"]
@@ -224,7 +224,10 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
             raise ApiError(401, "unauthorized", "Send the admin token as 'Authorization: Bearer <token>'.",
                            {"WWW-Authenticate": "Bearer"})
 
-    def device(device_id: str, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> DeviceRecord:
+    # Device auth and check-ins run on the event loop, not in the thread pool: each is a few short
+    # SQLite statements behind the storage's one lock (a worker thread would only add two thread
+    # hops per request and GIL hand-offs). Everything slow (uploads, downloads, admin) stays in threads.
+    async def device(device_id: str, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> TokenOwner:
         found = fleet.authenticate(device_id, creds.credentials if creds else None)
         retry = limiter.check(found.id)
         if retry is not None:
@@ -237,21 +240,21 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     dev = {"tags": ["device"], "responses": _ERRORS}
 
     @app.post("/v1/devices/{device_id}/checkin", response_model=s.DirectiveResponse, **dev)
-    def checkin(req: s.CheckinRequest, d: DeviceRecord = Depends(device)) -> dict:
+    async def checkin(req: s.CheckinRequest, d: TokenOwner = Depends(device)) -> dict:
         return fleet.checkin(d.id, req)
 
     @app.post("/v1/devices/{device_id}/events", response_model=s.EventsResponse, **dev)
-    def events(req: s.EventsRequest, d: DeviceRecord = Depends(device)) -> dict:
+    def events(req: s.EventsRequest, d: TokenOwner = Depends(device)) -> dict:
         return fleet.ingest_events(d.id, req)
 
     @app.get("/v1/devices/{device_id}/bundles/{digest}", response_class=Response, **dev)
-    def download_bundle(digest: str, request: Request, d: DeviceRecord = Depends(device)) -> Response:
+    def download_bundle(digest: str, request: Request, d: TokenOwner = Depends(device)) -> Response:
         if not _DIGEST_RE.fullmatch(digest):
             raise ApiError(404, "unknown_bundle", "No such bundle.")
         return _ranged_file(fleet.bundle_path(d.id, digest), request.headers.get("range"), digest)
 
     @app.get("/v1/devices/{device_id}/deltas/{from_digest}/{to_digest}", response_class=Response, **dev)
-    def download_delta(from_digest: str, to_digest: str, request: Request, d: DeviceRecord = Depends(device)) -> Response:
+    def download_delta(from_digest: str, to_digest: str, request: Request, d: TokenOwner = Depends(device)) -> Response:
         if not (_DIGEST_RE.fullmatch(from_digest) and _DIGEST_RE.fullmatch(to_digest)):
             raise ApiError(404, "unknown_delta", "No such delta.")
         path = fleet.delta_path(d.id, from_digest, to_digest)

@@ -20,9 +20,13 @@ from .http_errors import ApiError
 from .orchestration import Orchestrator
 from .schemas import CheckinRequest, DeviceCreate, DeviceUpdate, EventsRequest
 from .settings import ServerSettings, hash_token
-from .storage import DeviceRecord, EventRecord, RolloutRecord, Storage
+from .storage import DeviceRecord, EventRecord, RolloutRecord, Storage, TokenOwner
 
 __all__ = ["Fleet"]
+
+
+#: Rollout statuses in which a member's check-in health can still count as a failure.
+_WATCHED = (logic.ACTIVE, logic.PAUSED, logic.COMPLETED)
 
 
 def _not_found(device_id: str) -> ApiError:
@@ -66,13 +70,13 @@ class Fleet:
 
     # ------------------------------------------------------------------- auth
 
-    def authenticate(self, device_id: str, token: Optional[str]) -> DeviceRecord:
-        """The device whose token this is, if it is ``device_id``; otherwise 401/404."""
+    def authenticate(self, device_id: str, token: Optional[str]) -> TokenOwner:
+        """The device (id and token hash) whose token this is, if it is ``device_id``; otherwise 401/404."""
         if not token:
             raise ApiError(401, "unauthorized", "Send the device token as 'Authorization: Bearer <token>'.",
                            {"WWW-Authenticate": "Bearer"})
         digest = hash_token(token)
-        device = self.storage.get_device_by_token_hash(digest)
+        device = self.storage.get_token_owner(digest)  # id + hash only: the check-in reads the device once, later
         if device is None or not hmac.compare_digest(device.token_sha256, digest):
             raise ApiError(401, "unauthorized", "The device token is not valid; re-provision the device.",
                            {"WWW-Authenticate": "Bearer"})
@@ -97,7 +101,7 @@ class Fleet:
                 health=req.health.model_dump(exclude_none=True) if req.health else None,
                 runtime_version=req.runtime_version, engines=list(req.engines),
             )
-            self.storage.save_device(device)
+            self.storage.save_device_report(device)  # only the reported columns (fsync deferred, see storage.sqlite)
             touched: dict[str, RolloutRecord] = {}
             for member in self.storage.members_of_device(device_id):
                 r = self.storage.get_rollout(member.rollout_id)
@@ -105,8 +109,14 @@ class Fleet:
                 if bundle is None:
                     continue
                 state = logic.member_after_report(member.state, current, bundle.digest)
+                changes: dict[str, Any] = {}
+                if state in (logic.INSTALLED, logic.COMMITTED) and current == bundle.digest and r.status in _WATCHED:
+                    failure = self._health_failure(device, r.probation, member.from_digest)
+                    if failure is not None:
+                        state = logic.FAILED
+                        changes = {"failure_code": failure[0], "failure_detail": failure[1]}
                 if state != member.state:
-                    self.storage.save_member(dataclasses.replace(member, state=state, updated_at=now))
+                    self.storage.save_member(dataclasses.replace(member, state=state, updated_at=now, **changes))
                     touched[r.id] = r
             for r in touched.values():
                 self.orchestrator.evaluate(r, now)
@@ -114,6 +124,22 @@ class Fleet:
             if rollout is not None:
                 self.orchestrator.evaluate(self.storage.get_rollout(rollout.id), now)
         return self._directive_body(device_id, decision, rollout, current)
+
+    def _health_failure(self, device: DeviceRecord, probation: Optional[dict], from_digest: Optional[str]):
+        """A health regression in ``device``'s latest check-in (running a rollout's bundle), or None."""
+        baseline = None
+        if isinstance((device.health or {}).get("p95_ms"), (int, float)) and from_digest:
+            baseline = self._baseline_p95(device, from_digest)
+        return logic.health_failure(device.health, probation, baseline)
+
+    def _baseline_p95(self, device: DeviceRecord, digest: str) -> Optional[float]:
+        """The previous model's p95 for ``device``: the slowest p95 reported by the devices of its group
+        and profile that still run ``digest`` (None if none do). The slowest, not the median, so that
+        device-to-device noise never halts a rollout; only a clear regression does."""
+        values = [float(d.health["p95_ms"]) for d in self.storage.list_devices(device.group)
+                  if d.id != device.id and d.profile == device.profile and (d.current or {}).get("digest") == digest
+                  and isinstance((d.health or {}).get("p95_ms"), (int, float))]
+        return max(values) if values else None
 
     def _directive_body(self, device_id: str, decision: logic.Directive, rollout: Optional[RolloutRecord],
                         current: Optional[str]) -> dict[str, Any]:

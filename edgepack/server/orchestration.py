@@ -35,6 +35,19 @@ def member_view(m: MemberRecord) -> logic.MemberView:
     return logic.MemberView(m.device_id, m.step_index, m.state, m.failure_code, m.from_digest)
 
 
+def decision_due(r: RolloutRecord, policy: logic.Policy, counts: dict[str, int], now: float) -> bool:
+    """False when :meth:`Orchestrator.evaluate` would surely leave ``r`` unchanged, judged from the
+    member counts alone (the same thresholds as ``logic.halt_decision`` / ``logic.advance_decision``)."""
+    total = sum(counts.values())
+    failed = counts.get(logic.FAILED, 0)
+    over_rate = total > 0 and failed / total > policy.max_failure_rate
+    if over_rate and failed >= max(1, policy.halt_min_count):
+        return True  # halt
+    if r.status != logic.ACTIVE or over_rate:
+        return False
+    return policy.soak_seconds - (now - r.step_started_at) <= 0  # advance needs the soak time over
+
+
 class Orchestrator:
     def __init__(self, storage: Storage, clock: Callable[[], float]) -> None:
         self.storage = storage
@@ -98,6 +111,8 @@ class Orchestrator:
         if r.status not in (logic.ACTIVE, logic.PAUSED, logic.COMPLETED):
             return r  # completed rollouts still distribute, so late failures can still halt them
         policy = policy_of(r)
+        if not decision_due(r, policy, self.storage.member_counts(r.id), now):
+            return r  # neither a halt nor an advance can happen: skip loading every member
         members = [member_view(m) for m in self.storage.list_members(r.id)]
         halt = logic.halt_decision(policy, members)
         if halt is not None:
@@ -107,9 +122,19 @@ class Orchestrator:
             return r
         if r.status != logic.ACTIVE:
             return r
-        positions = self._positions(r)
+        positions: Optional[list[float]] = None
+        succeeded = sum(1 for m in members if m.state == logic.COMMITTED)
         for _ in range(len(r.steps)):
-            eligible = sum(1 for p in positions if p < r.steps[r.step_index])
+            # The cohort size only changes the decision once the soak time has elapsed and
+            # fewer than min_devices_succeeded members committed; it hashes every device of
+            # the group, so it is computed only then (any value gives the same decision else).
+            if (policy.soak_seconds - (now - r.step_started_at) > 0
+                    or succeeded >= policy.min_devices_succeeded):
+                eligible = policy.min_devices_succeeded
+            else:
+                if positions is None:
+                    positions = self._positions(r)
+                eligible = sum(1 for p in positions if p < r.steps[r.step_index])
             decision = logic.advance_decision(policy, r.step_index, r.step_started_at, now, members, eligible)
             if decision.action is None:
                 break

@@ -32,8 +32,8 @@ from typing import Optional
 __all__ = [
     "ACTIVE", "ABORTED", "COMPLETED", "DISTRIBUTING", "HALTED", "PAUSED", "ROLLED_BACK", "STATUSES",
     "Advance", "Directive", "Halt", "MemberView", "Policy", "StepProgress", "advance_decision", "cohort_position",
-    "compute_directive", "failure_kind", "halt_decision", "in_cohort", "member_after_event", "member_after_report",
-    "step_problems", "step_progress",
+    "compute_directive", "failure_kind", "halt_decision", "health_failure", "in_cohort", "member_after_event",
+    "member_after_report", "step_problems", "step_progress",
 ]
 
 ACTIVE, PAUSED, HALTED, ABORTED, COMPLETED, ROLLED_BACK = "active", "paused", "halted", "aborted", "completed", "rolled_back"
@@ -129,6 +129,38 @@ def member_after_report(state: str, current_digest: Optional[str], target_digest
     if not running_target and state in (INSTALLED, COMMITTED):
         return REVERTED
     return state
+
+
+def health_failure(health: Optional[Mapping], probation: Optional[Mapping],
+                   baseline_p95_ms: Optional[float]) -> Optional[tuple[str, str]]:
+    """(failure kind, detail) when a member's check-in health, reported while it runs the
+    rollout's bundle, shows a regression; else None.
+
+    The rollout's ``probation`` terms are the limits: any non-finite output fails
+    (``nonfinite``); once at least ``probation.requests`` (min 1) requests were served,
+    an error rate above ``max_error_rate`` fails (``error_rate``), and so does a p95
+    latency above ``max_latency_ratio`` x ``baseline_p95_ms`` (``latency_regression``;
+    the baseline is the previous model's p95, skipped when unknown).
+    """
+    if not health:
+        return None
+    probation = probation or {}
+    nonfinite = health.get("nonfinite") or 0
+    requests = health.get("requests") or 0
+    if nonfinite > 0:
+        return "nonfinite", f"check-in health: {nonfinite} of {requests} requests returned NaN or Inf."
+    if requests < max(1, int(probation.get("requests", 50) or 0)):
+        return None
+    errors = health.get("errors") or 0
+    max_error_rate = float(probation.get("max_error_rate", 0.05))
+    if errors / requests > max_error_rate:
+        return "error_rate", f"check-in health: {errors} of {requests} requests failed (allowed {max_error_rate:.1%})."
+    p95 = health.get("p95_ms")
+    ratio = float(probation.get("max_latency_ratio", 3.0))
+    if isinstance(p95, (int, float)) and baseline_p95_ms and p95 > ratio * baseline_p95_ms:
+        return "latency_regression", (f"check-in health: p95 latency {p95:.3g} ms is over {ratio:g} x the previous "
+                                      f"model's {baseline_p95_ms:.3g} ms.")
+    return None
 
 
 # --------------------------------------------------------------------- decisions

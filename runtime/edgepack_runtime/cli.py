@@ -118,6 +118,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import daemon
 
+    if getattr(args, "ota_server", None):
+        _pin_keys(Path(args.cache), args.key or [])
     return daemon.main_from_args(args, _config(args))
 
 
@@ -153,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=None, help="Keep a size-capped prediction log here.")
     p.add_argument("--log-sample", type=float, default=0.0, help="Share of requests to log (0..1).")
     p.add_argument("--log-max-mb", type=float, default=64.0, help="Prediction log size cap.")
+    p.add_argument("--ota-server", default=None, help="Also apply fleet updates from this OTA server (base URL), in a background thread.")
+    p.add_argument("--device-id", default=None, help="This device's id at the OTA server (with --ota-server).")
+    p.add_argument("--token-file", default=None, help="File holding the device token (with --ota-server).")
+    p.add_argument("--ota-interval", type=float, default=60.0, help="OTA poll interval in seconds until the server sets one.")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ota", parents=[common], help="Poll an OTA server and apply its updates (docs/ota-protocol.md).")
     p.add_argument("--server", required=True, help="OTA server base URL.")

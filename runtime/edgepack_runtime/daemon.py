@@ -25,6 +25,15 @@ SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), exit 0.
 SIGHUP: reload the model from the cache and swap it in atomically; a failed reload
 keeps the old model serving and is reported in /info and /metrics.
 
+Fleet updates (``--ota-server URL --device-id ID --token-file F [--ota-interval S]``):
+the OTA client (:mod:`.ota.client`) runs in a background thread of this process. Every
+/predict that reaches the model is recorded in its :class:`~.ota.probation.ProbationMonitor`
+(latency of the model run, engine errors, non-finite outputs: one short lock, O(1)),
+which is what probation judges and what check-ins report as ``health``. When the
+client switches the cache (install, self-test, rollback) it asks the daemon to load
+the model through the same path as SIGHUP (synchronously, so probation only ever
+measures the new model), and the daemon answers with the model it now serves.
+
 Settings not on the command line come from the environment (read only in
 :func:`main_from_args`): ``EDGEPACK_HTTP_ANY=1`` (allow a non-loopback --http host),
 ``EDGEPACK_MAX_BODY_MB`` (request body cap, default 8), ``EDGEPACK_MAX_CONNECTIONS``
@@ -208,6 +217,7 @@ class DaemonOptions:
         drain_seconds: How long SIGTERM waits for in-flight requests.
         idle_seconds: Keep-alive idle and per-read timeout.
         access_log: One stderr line per request.
+        ota: OTA client options (None: no fleet updates from this process).
     """
 
     socket_path: Path
@@ -221,6 +231,7 @@ class DaemonOptions:
     drain_seconds: float = 10.0
     idle_seconds: float = 60.0
     access_log: bool = False
+    ota: Optional[Any] = None
 
 
 def parse_http(value: str, allow_any: bool = False) -> Tuple[str, int]:
@@ -273,6 +284,7 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> DaemonOptions:
         raise EdgepackError(f"--log-max-mb must be positive (got {max_mb}).")
     log_dir = getattr(args, "log_dir", None)
     cache = Path(getattr(args, "cache"))
+    ota = ota_options_from_args(args)
     return DaemonOptions(
         socket_path=Path(args.socket) if getattr(args, "socket", None) else cache / "edgepack.sock",
         http=parse_http(args.http, http_any) if getattr(args, "http", None) else None,
@@ -285,7 +297,38 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> DaemonOptions:
         drain_seconds=_env_float(env, "EDGEPACK_DRAIN_SECONDS", 10.0, 0.0),
         idle_seconds=_env_float(env, "EDGEPACK_IDLE_SECONDS", 60.0, 0.1),
         access_log=env.get("EDGEPACK_ACCESS_LOG", "") not in ("", "0", "false", "no"),
+        ota=ota,
     )
+
+
+def ota_options_from_args(args: Any) -> Optional[Any]:
+    """OtaOptions from ``--ota-server/--device-id/--token-file/--ota-interval`` (None without --ota-server).
+
+    Raises:
+        EdgepackError: A companion option is missing, the token file is unreadable or
+            empty, or the interval is not positive.
+    """
+    server = getattr(args, "ota_server", None)
+    device_id = getattr(args, "device_id", None)
+    token_file = getattr(args, "token_file", None)
+    if not server:
+        if device_id or token_file:
+            raise EdgepackError("--device-id and --token-file only make sense with --ota-server URL.")
+        return None
+    if not device_id or not token_file:
+        raise EdgepackError("--ota-server needs --device-id ID and --token-file FILE (the token shown at provisioning).")
+    interval = float(getattr(args, "ota_interval", 60.0) or 0.0)
+    if not interval > 0:
+        raise EdgepackError(f"--ota-interval must be positive (got {interval}).")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise EdgepackError(f"Cannot read the device token from {token_file}: {exc.strerror or exc}.") from exc
+    if not token:
+        raise EdgepackError(f"The device token file {token_file} is empty.")
+    from .ota.client import OtaOptions
+
+    return OtaOptions(server=server, device_id=device_id, token=token, interval_s=interval)
 
 
 # ------------------------------------------------------------- model state
@@ -533,11 +576,23 @@ class Daemon:
         }
         self._wake_r = self._wake_w = -1
         self.addresses: Dict[str, str] = {}
+        self._load_lock = threading.Lock()  # SIGHUP's worker and the OTA thread never load at once
+        self.monitor: Optional[Any] = None  # ProbationMonitor, fed by /predict when OTA is on
+        self.ota: Optional[Any] = None      # the OtaClient
+        self._ota_thread: Optional[threading.Thread] = None
+        if options.ota is not None:
+            from .ota.probation import ProbationMonitor
+
+            self.monitor = ProbationMonitor()
 
     # ------------------------------------------------------------ model
 
     def load_model(self) -> None:
         """(Re)load from the cache; on failure keep whatever is serving and record why."""
+        with self._load_lock:
+            self._load_model()
+
+    def _load_model(self) -> None:
         began = time.time()
         try:
             state = ModelState(load(self.config), began)
@@ -555,6 +610,8 @@ class Daemon:
         previous = self.state
         self.metrics.flush()
         self.state = state  # one reference assignment: requests see the old or the new model, whole
+        if self.monitor is not None and (previous is None or previous.model.slot.digest != state.model.slot.digest):
+            self.monitor.reset()  # health and probation describe the model being served, not its predecessor
         self.reason = None
         self.reloads["success"] += 1
         self.last_reload = {"ok": True, "at": _iso(began), "error": None, "serving": state.ident,
@@ -825,11 +882,23 @@ class Daemon:
             return self._bad(exc, close)
         except RecursionError:
             return self._bad(InputValidationError("body", "is nested too deeply"), close)
+        monitor = self.monitor
+        t0 = time.perf_counter() if monitor is not None else 0.0
         try:
             outputs = state.run(checked)
         except Exception as exc:  # noqa: BLE001 - engine failures are answered, not fatal
+            if monitor is not None:
+                monitor.record(time.perf_counter() - t0, error=True)
             self.metrics.error("engine")
             return 500, _response(500, _error_body(None, f"the model failed on this input: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"), close)
+        if monitor is not None:
+            elapsed = time.perf_counter() - t0
+            nonfinite = False
+            for out in outputs:
+                if isinstance(out, np.ndarray) and out.dtype.kind in "fc" and not np.isfinite(out).all():
+                    nonfinite = True
+                    break
+            monitor.record(elapsed, nonfinite=nonfinite)
         pid = self._id_prefix + "%x" % next(self._ids)
         nbytes = 0
         for array in checked.values():
@@ -912,7 +981,54 @@ class Daemon:
             "reload": {"success": self.reloads["success"], "failure": self.reloads["failure"], "last": self.last_reload},
             "listen": dict(self.addresses),
             "predlog": self.predlog.stats() if self.predlog else None,
+            "ota": self.ota_info(),
         }
+
+    def ota_info(self) -> Optional[Dict[str, Any]]:
+        client = self.ota
+        if client is None:
+            return None
+        return {"server": client.options.server, "device_id": client.options.device_id, "state": client.machine.state,
+                "interval_s": client.interval_s, "health": self.ota_health()}
+
+    # -------------------------------------------------------------- OTA
+
+    def ota_health(self) -> Dict[str, Any]:
+        """The check-in ``health`` object: what /predict recorded since the served model was loaded."""
+        health = self.monitor.health(serving=self.state is not None)
+        health["uptime_s"] = round(time.time() - self.started, 1)
+        return health
+
+    def _ota_load(self) -> Any:
+        """The OTA client's loader: load what the cache now says (same path as SIGHUP), return what is served.
+
+        Skips the load when the cache's current slot is what is already being served
+        (the client's start-up load right after the daemon's own)."""
+        from .cache import Cache
+
+        state = self.state
+        current = Cache(self.config.cache).read_slot("current")
+        if state is None or current is None or state.model.slot.digest != current.digest:
+            self.load_model()
+            state = self.state
+        return None if state is None else state.model
+
+    def start_ota(self) -> None:
+        from .ota.client import OtaClient
+
+        self.ota = OtaClient(self.config, self.options.ota, monitor=self.monitor, health=self.ota_health,
+                             loader=self._ota_load, log=lambda message: _log(f"ota: {message}"))
+        self._ota_thread = threading.Thread(target=self._ota_loop, name="edgepack-ota", daemon=True)
+        self._ota_thread.start()
+
+    def _ota_loop(self) -> None:
+        client = self.ota
+        while not client._stop.is_set():
+            try:
+                client.run_forever()
+            except Exception as exc:  # noqa: BLE001 - the daemon keeps serving whatever the update thread hits
+                _log(f"ota: update cycle crashed ({type(exc).__name__}: {exc}); retrying in 5 s")
+                client._stop.wait(5.0)
 
     def _info(self, headers: Dict[bytes, bytes], body: bytes, close: bool) -> Tuple[int, bytes]:
         return 200, _response(200, json.dumps(self.info(), default=str).encode(), close)
@@ -997,6 +1113,9 @@ class Daemon:
             listener.thread.start()
         where = " and ".join(listener.label for listener in self._listeners)
         _log(f"{__version__} listening on {where}" + ("" if self.state else " (not ready: no verified model)"))
+        if self.options.ota is not None:
+            self.start_ota()
+            _log(f"ota: polling {self.options.ota.server} as device {self.options.ota.device_id}")
         try:
             while not self._want_stop:
                 try:
@@ -1015,6 +1134,8 @@ class Daemon:
         with self._conns_lock:
             self._stopping = True
             conns = list(self._conns)
+        if self.ota is not None:
+            self.ota.stop()  # a cycle in progress ends at its next step; an update left half-done resumes at the next start
         for listener in self._listeners:
             listener.stop()
         for conn in conns:
@@ -1042,6 +1163,8 @@ class Daemon:
             time.sleep(0.005)
         if self.predlog is not None:
             self.predlog.close()
+        if self._ota_thread is not None:
+            self._ota_thread.join(2.0)
         _log("stopped")
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange, Storage
+from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange, Storage, TokenOwner
 
 __all__ = [
     "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
-    "open_storage",
+    "TokenOwner", "open_storage",
 ]
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 __all__ = [
     "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "TokenOwner",
 ]
 
 
@@ -54,6 +55,13 @@ class DeviceRecord:
     health: Optional[dict[str, Any]] = None
     runtime_version: Optional[str] = None
     engines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    """The device a token hash belongs to (what authentication needs, without the device's state)."""
+    id: str
+    token_sha256: str
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,12 @@ class Storage(Protocol):
     def add_device(self, device: DeviceRecord) -> None: ...
     def get_device(self, device_id: str) -> Optional[DeviceRecord]: ...
     def get_device_by_token_hash(self, token_sha256: str) -> Optional[DeviceRecord]: ...
+    def get_token_owner(self, token_sha256: str) -> Optional[TokenOwner]: ...
     def list_devices(self, group: Optional[str] = None) -> list[DeviceRecord]: ...
     def save_device(self, device: DeviceRecord) -> None: ...
+    def save_device_report(self, device: DeviceRecord) -> None:
+        """Write only what a check-in reports (last_seen, last_seq, state, current, previous, health,
+        runtime_version, engines); the backend may defer its fsync (never past SIGKILL)."""
 
     # rollouts, memberships (cohort states) and download grants
     def add_rollout(self, rollout: RolloutRecord) -> None: ...
@@ -136,6 +148,8 @@ class Storage(Protocol):
     def save_rollout(self, rollout: RolloutRecord) -> None: ...
     def get_member(self, rollout_id: str, device_id: str) -> Optional[MemberRecord]: ...
     def list_members(self, rollout_id: str) -> list[MemberRecord]: ...
+    def member_counts(self, rollout_id: str) -> dict[str, int]:
+        """{state: number of members} of a rollout (states with none left out); includes the open transaction."""
     def members_of_device(self, device_id: str) -> list[MemberRecord]: ...
     def save_member(self, member: MemberRecord) -> None: ...
     def add_grant(self, device_id: str, digest: str, at: float) -> None: ...

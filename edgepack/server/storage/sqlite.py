@@ -1,15 +1,35 @@
 """SQLite implementation of :class:`~.base.Storage` (stdlib ``sqlite3``).
 
 One connection shared by all threads behind a re-entrant lock (requests are short;
-SQLite serializes writers anyway). WAL journal with ``synchronous=FULL``: a
-committed transaction survives SIGKILL and power loss. Every multi-row change runs
-inside ``BEGIN IMMEDIATE … COMMIT``.
+SQLite serializes writers anyway). Every multi-row change runs inside
+``BEGIN IMMEDIATE … COMMIT``.
+
+Durability: WAL journal. A COMMIT returns after SQLite wrote the transaction's WAL
+frames with ``write()``, so a committed transaction always survives SIGKILL. For power
+loss, every transaction that changes anything but a device's own check-in report
+(rollouts, memberships, grants, events, bundles, devices' identity/group/token, ...)
+is fsynced before ``transaction()`` returns, exactly like ``synchronous=FULL`` (which
+fsyncs the WAL at every commit): the connection runs ``synchronous=NORMAL`` and such
+transactions fsync the WAL file themselves right after COMMIT, still under the lock.
+A transaction that only rewrote check-in report columns (:meth:`save_device_report`:
+last_seen, last_seq, state, current, previous, health, runtime_version, engines)
+skips that fsync; the WAL is append-only and the next fsync (the next durable commit
+or a checkpoint) makes it durable too. So power loss can only lose a suffix of
+report-only check-ins after the last durable commit (the device reports again at
+its next poll); committed rollout state is never lost. Single-row writes outside a
+transaction are fsynced too.
+
+Member counts per rollout and state (:meth:`member_counts`) are cached in memory,
+updated with the transaction that changes a member (discarded on rollback) and
+dropped whenever another connection committed (``PRAGMA data_version``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -19,7 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import ServerError
-from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange
+from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange, TokenOwner
 from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStorage"]
@@ -29,8 +49,24 @@ def _j(value: Any) -> Optional[str]:
     return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+try:  # optional (the server extra): ~5x faster parsing of the JSON columns read on every check-in
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - without orjson the stdlib parses everything
+    _fast_loads = json.loads
+
+
+_LONG_DIGITS = re.compile(r"\d{19}").search  # orjson turns integers beyond 64 bits into floats
+
+
 def _u(text: Optional[str]) -> Any:
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    if _LONG_DIGITS(text) is None:
+        try:
+            return _fast_loads(text)
+        except ValueError:  # what orjson refuses but json.dumps may have written (NaN, Infinity, lone surrogates)
+            pass
+    return json.loads(text)
 
 
 class SqliteStorage:
@@ -41,13 +77,23 @@ class SqliteStorage:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            # NORMAL + an explicit WAL fsync after every durable commit (see the module docstring);
+            # without WAL (e.g. a file system that cannot do it) keep FULL.
+            self._relaxed_ok = str(mode).lower() == "wal"
+            self._conn.execute(f"PRAGMA synchronous={'NORMAL' if self._relaxed_ok else 'FULL'}")
             self._conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise ServerError(f"Cannot open the database {self.path}: {exc}; check the path and permissions.") from exc
         self._lock = threading.RLock()
         self._depth = 0
+        self._durable = False  # the open transaction wrote something that must be fsynced at commit
+        self._wal_fd: Optional[int] = None
+        self._wal_ino: Optional[int] = None
+        # committed member counts {rollout_id: {state: n}} and the open transaction's changes to them
+        self._counts: dict[str, dict[str, int]] = {}
+        self._pending: dict[str, dict[str, int]] = {}
+        self._data_version: Optional[int] = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -57,29 +103,72 @@ class SqliteStorage:
             outer = self._depth == 0
             if outer:
                 self._conn.execute("BEGIN IMMEDIATE")
+                self._durable = False
+                self._pending.clear()
             self._depth += 1
             try:
                 yield
             except BaseException:
                 self._depth -= 1
                 if outer:
+                    self._pending.clear()
                     self._conn.execute("ROLLBACK")
                 raise
             self._depth -= 1
             if outer:
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._pending.clear()
+                    self._counts.clear()
+                    raise
+                for rollout_id, delta in self._pending.items():
+                    base = self._counts.get(rollout_id)
+                    if base is not None:
+                        for state, n in delta.items():
+                            base[state] = base.get(state, 0) + n
+                self._pending.clear()
+                if self._durable:
+                    self._sync_wal()
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL file: what ``synchronous=FULL`` does at every commit (called under the lock)."""
+        if not self._relaxed_ok:
+            return  # the connection runs synchronous=FULL itself
+        wal = f"{self.path}-wal"
+        try:
+            ino = os.stat(wal).st_ino
+        except FileNotFoundError:
+            return  # nothing in the WAL (it was checkpointed and removed): the database file itself was synced
+        if self._wal_fd is None or self._wal_ino != ino:
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+            self._wal_fd = os.open(wal, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._wal_ino = os.fstat(self._wal_fd).st_ino
+        os.fsync(self._wal_fd)
 
     def _q(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
-    def _x(self, sql: str, params: tuple = ()) -> int:
+    def _x(self, sql: str, params: tuple = (), durable: bool = True) -> int:
+        """Run a write; ``durable=False`` only for check-in report columns (see the module docstring)."""
         with self._lock:
-            return self._conn.execute(sql, params).rowcount
+            n = self._conn.execute(sql, params).rowcount
+            if durable:
+                if self._depth:
+                    self._durable = True
+                else:
+                    self._sync_wal()  # autocommit: committed now
+            return n
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
 
     # ---------------------------------------------------------------- migrations
 
@@ -183,6 +272,16 @@ class SqliteStorage:
         if not changed:
             raise KeyError(device.id)
 
+    _REPORT_SQL = ("UPDATE devices SET last_seen = ?, last_seq = ?, state = ?, current = ?, previous = ?, health = ?, "
+                   "runtime_version = ?, engines = ? WHERE id = ?")
+
+    def save_device_report(self, device: DeviceRecord) -> None:
+        d = device
+        changed = self._x(self._REPORT_SQL, (d.last_seen, d.last_seq, d.state, _j(d.current), _j(d.previous), _j(d.health),
+                                             d.runtime_version, _j(d.engines), d.id), durable=False)
+        if not changed:
+            raise KeyError(device.id)
+
     def get_device(self, device_id: str) -> Optional[DeviceRecord]:
         rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE id = ?", (device_id,))
         return self._device(rows[0]) if rows else None
@@ -190,6 +289,10 @@ class SqliteStorage:
     def get_device_by_token_hash(self, token_sha256: str) -> Optional[DeviceRecord]:
         rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE token_sha256 = ?", (token_sha256,))
         return self._device(rows[0]) if rows else None
+
+    def get_token_owner(self, token_sha256: str) -> Optional[TokenOwner]:
+        rows = self._q("SELECT id, token_sha256 FROM devices WHERE token_sha256 = ?", (token_sha256,))
+        return TokenOwner(rows[0][0], rows[0][1]) if rows else None
 
     def list_devices(self, group: Optional[str] = None) -> list[DeviceRecord]:
         if group is None:
@@ -246,6 +349,22 @@ class SqliteStorage:
                        (rollout_id, device_id))
         return MemberRecord(*rows[0]) if rows else None
 
+    def member_counts(self, rollout_id: str) -> dict[str, int]:
+        with self._lock:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:  # another connection committed: counts may be stale
+                self._counts.clear()
+                self._data_version = version
+            pending = self._pending.get(rollout_id, {})
+            base = self._counts.get(rollout_id)
+            if base is None:  # what is visible now includes the open transaction's changes
+                rows = self._q("SELECT state, COUNT(*) FROM rollout_members WHERE rollout_id = ? GROUP BY state", (rollout_id,))
+                now = dict(rows)
+                base = {k: now.get(k, 0) - pending.get(k, 0) for k in set(now) | set(pending)}
+                self._counts[rollout_id] = base
+            out = {k: base.get(k, 0) + pending.get(k, 0) for k in set(base) | set(pending)}
+            return {k: n for k, n in out.items() if n}
+
     def list_members(self, rollout_id: str) -> list[MemberRecord]:
         rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = ? ORDER BY device_id", (rollout_id,))
         return [MemberRecord(*r) for r in rows]
@@ -258,14 +377,24 @@ class SqliteStorage:
         values = astuple(member)
         names = [f.name for f in fields(MemberRecord)]
         with self.transaction():
-            if self.get_member(member.rollout_id, member.device_id) is None:
+            old = self._q("SELECT state FROM rollout_members WHERE rollout_id = ? AND device_id = ?",
+                          (member.rollout_id, member.device_id))
+            if not old:
                 self._x(f"INSERT INTO rollout_members ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
             else:
                 self._x(f"UPDATE rollout_members SET {', '.join(n + ' = ?' for n in names[2:])} "
                         "WHERE rollout_id = ? AND device_id = ?", values[2:] + values[:2])
+            if not old or old[0][0] != member.state:
+                delta = self._pending.setdefault(member.rollout_id, {})
+                delta[member.state] = delta.get(member.state, 0) + 1
+                if old:
+                    delta[old[0][0]] = delta.get(old[0][0], 0) - 1
 
     def add_grant(self, device_id: str, digest: str, at: float) -> None:
-        self._x("INSERT OR IGNORE INTO grants (device_id, digest, at) VALUES (?, ?, ?)", (device_id, digest, at))
+        with self._lock:
+            if self._q("SELECT 1 FROM grants WHERE device_id = ? AND digest = ?", (device_id, digest)):
+                return  # already granted: no write (a check-in that only repeats a directive stays report-only)
+            self._x("INSERT OR IGNORE INTO grants (device_id, digest, at) VALUES (?, ?, ?)", (device_id, digest, at))
 
     def has_grant(self, device_id: str, digest: str) -> bool:
         return bool(self._q("SELECT 1 FROM grants WHERE device_id = ? AND digest = ?", (device_id, digest)))

@@ -102,7 +102,7 @@ class OtaClient:
                  health: Optional[Callable[[], Dict[str, Any]]] = None, fault: Optional[Fault] = None,
                  sleep: Optional[Callable[[float], None]] = None, clock: Callable[[], float] = time.monotonic,
                  rng: Optional[random.Random] = None, log: Callable[[str], None] = _stderr,
-                 http: Optional[HttpClient] = None) -> None:
+                 http: Optional[HttpClient] = None, loader: Optional[Callable[[], Any]] = None) -> None:
         self.config = config
         self.options = options
         self.cache = Cache(config.cache)
@@ -113,6 +113,7 @@ class OtaClient:
         self.http = http or HttpClient(options.server, options.token, options.timeout_s)
         self.monitor = monitor if monitor is not None else InProcessMonitor()
         self._health = health
+        self._loader = loader
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self.clock = clock
@@ -145,9 +146,24 @@ class OtaClient:
     # --------------------------------------------------------------- serving
 
     def load_model(self) -> None:
-        """(Re)load the model to serve; none when no verified bundle is installed."""
+        """(Re)load the model to serve; none when no verified bundle is installed.
+
+        With a ``loader`` (the inference daemon's), the process that serves does the
+        loading and returns the model it now serves (or None): that is the model
+        probation judges, and a load that fails leaves the old one, which the
+        self-test step then sees as "not the target" and rolls back.
+        """
         from ..model import load
 
+        if self._loader is not None:
+            try:
+                self.model = self._loader()
+            except Exception as exc:  # noqa: BLE001 - a failed reload must not stop the update machine
+                self.log(f"the serving process could not load the model: {type(exc).__name__}: {exc}")
+                self.model = None
+            if isinstance(self.monitor, InProcessMonitor):
+                self.monitor.attach(self.model)
+            return
         try:
             self.model = load(self.config)
         except EdgepackError as exc:

@@ -74,10 +74,12 @@ class ProbationMonitor:
                 self._latencies.append(float(latency_s))
 
     def snapshot(self) -> Snapshot:
-        with self._lock:
-            lat = sorted(self._latencies)
-            p95 = lat[min(len(lat) - 1, int(math.ceil(0.95 * len(lat))) - 1)] * 1000.0 if lat else None
-            return Snapshot(self._requests, self._errors, self._nonfinite, p95, len(lat))
+        with self._lock:  # copy under the lock, sort outside it: record() never waits for a sort
+            lat = list(self._latencies)
+            requests, errors, nonfinite = self._requests, self._errors, self._nonfinite
+        lat.sort()
+        p95 = lat[min(len(lat) - 1, int(math.ceil(0.95 * len(lat))) - 1)] * 1000.0 if lat else None
+        return Snapshot(requests, errors, nonfinite, p95, len(lat))
 
     def health(self, serving: bool) -> Dict[str, Any]:
         """The check-in ``health`` object."""
