@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -58,10 +59,13 @@ def demo() -> None:
 
     Build a signed bundle from the project file (embedded preprocessing, fp32 and int8
     variants behind the accuracy gate), verify it like a device would, install it into
-    a local device cache and predict raw digits through the device runtime.
+    a local device cache (the USB-stick path) and predict raw digits through the device
+    runtime; then start an OTA server and a device agent, roll the bundle out over the
+    air and print predictions the device made.
     """
     example = ROOT / "examples" / "digits"
     keys = example / "keys"
+    shutil.rmtree(ROOT / "out", ignore_errors=True)  # each run starts with empty device caches
     if not (keys / "digits.key").exists():
         _run(BIN / "edgepack", "keys", "generate", "--dir", keys, "--name", "digits")
     _run(BIN / "edgepack", "build", example / "edgepack.yaml")
@@ -79,6 +83,8 @@ def demo() -> None:
         "for s, y in zip(scores, val['labels'][:5]):\n"
         "    print(f'  predicted {labels[int(s.argmax())]} ({s.max():.2f}), true {y}')\n"
     ))
+    # Over the air: a real OTA server and a device agent on this machine.
+    _run(PY, ROOT / "examples" / "fleet_demo.py", bundle, keys / "digits.pub", ROOT / "out" / "fleet")
 
 
 def system_deps() -> None:

@@ -146,3 +146,14 @@ def test_example_bundles_serve_through_the_daemon_with_validated_raw_input(examp
         for bad in (raw.astype(np.float32) + 0.5, raw.astype(np.int64) + 256, np.zeros((1, 3, 3, raw.shape[-1]), np.uint8)):
             status, body = daemon.json("POST", "/predict", {"inputs": {name: bad.tolist()}}, conn=daemon.unix())
             assert status == 400 and body["error"]["field"] == name, body
+
+
+@pytest.mark.slow
+def test_main_job_fleet_demo_rolls_the_example_out_and_predicts_on_the_device(digits_bundle, tmp_path):
+    """`python3 dev.py demo`'s over-the-air part, so the README's main job cannot rot."""
+    _, bundle, pub, _ = digits_bundle
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "fleet_demo.py"), str(bundle), str(pub), str(tmp_path / "fleet")],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "committed 1.0.0; the server agrees" in result.stdout
+    assert result.stdout.count("predicted ") == 5
