@@ -9,8 +9,8 @@ import bundles
 import edgepack_runtime
 from edgepack_runtime.bundle import load_public_key
 from edgepack_runtime.cache import Cache, CacheConfig
-from edgepack_runtime.errors import EdgepackError, UpdateError, VerificationError
-from edgepack_runtime.model import RuntimeConfig, _tester, install, load
+from edgepack_runtime.errors import UpdateError, VerificationError
+from edgepack_runtime.model import RuntimeConfig, install, load
 
 
 @pytest.fixture

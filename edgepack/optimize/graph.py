@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
 
 from ..errors import OptimizationError
 
@@ -170,7 +169,3 @@ def optimize_graph(model: onnx.ModelProto, threads: int = 1) -> tuple[onnx.Model
     removed = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
     return optimized, GraphReport(sum(before.values()), sum(after.values()), removed)
 
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held in initializers (a quick size estimate independent of protobuf overhead)."""
-    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import queue
 import struct
 import threading
