@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from . import bundle_cmds, devices_cmd, flash_cmd, optimize_cmd, server_cmd
+from . import bench_cmd, bundle_cmds, devices_cmd, flash_cmd, optimize_cmd, server_cmd
 
 app = typer.Typer(
     name="edgepack",
@@ -36,6 +36,7 @@ devices_cmd.register(app)
 bundle_cmds.register(app)
 flash_cmd.register(app)
 server_cmd.register(app)
+bench_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Per-device benchmarks: host, emulated aarch64 (qemu-user) and real boards over ssh."""
