@@ -22,7 +22,7 @@ What it does (loopback only, every loop bounded in count and time):
    latency, answers by status and transport errors, the server's CPU and RSS from
    ``/proc``, and whether the goal (≥ 1,000 check-ins/s at p99 ≤ 50 ms) is met.
 
-Results go to ``<out-dir>/server-load-<hostname>-<date>.json`` and ``.md``; the
+Results go to ``<out-dir>/server-load-<hostname>-<UTC date and time>.json`` and ``.md``; the
 Markdown is printed on stdout, progress on stderr. The run stops by itself (a global
 deadline) and the server is killed in a ``finally``.
 
@@ -486,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python benchmarks/bench_server_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
     markdown = render_markdown(result, command.strip())
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"server-load-{machine['hostname']}-{now.date().isoformat()}"
+    stem = f"server-load-{machine['hostname']}-{now.strftime('%Y-%m-%dT%H%M%SZ')}"  # one pair of files per run
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out_dir / f"{stem}.md").write_text(markdown)
     print(markdown)

@@ -53,7 +53,10 @@ def run(
     try:
         app = create_app(settings, storage)
         typer.echo(f"edgepack server on http://{settings.host}:{settings.port} (data: {settings.data_dir})", err=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", workers=1)
+        # http/loop "auto": httptools and uvloop when installed (the server extra), else h11/asyncio.
+        # No access log: one log record per device check-in costs more than the check-in's own work.
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", workers=1,
+                    http="auto", loop="auto", access_log=False)
     finally:
         storage.close()
 

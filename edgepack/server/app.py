@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -19,9 +20,10 @@ from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, ResponseValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgepack_runtime.bundle import load_public_key
@@ -43,6 +45,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("edgepack.server")
 
 UPLOAD_PATH = "/v1/admin/bundles"
+_CHECKIN_PATH = re.compile(r"/v1/devices/([^/]+)/checkin")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _ERRORS = {code: {"model": s.ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429)}
 
@@ -58,8 +61,9 @@ class BodyLimitMiddleware:
     """413 for bodies over the cap: the upload route gets ``max_upload`` (checked again
     while streaming), every other route ``max_body`` (buffered here, counted, replayed)."""
 
-    def __init__(self, app: Any, max_body: int, max_upload: int) -> None:
+    def __init__(self, app: Any, max_body: int, max_upload: int, fast_checkin: Optional[Callable] = None) -> None:
         self.app, self.max_body, self.max_upload = app, max_body, max_upload
+        self.fast_checkin = fast_checkin
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -89,6 +93,8 @@ class BodyLimitMiddleware:
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
+        if self.fast_checkin is not None and scope["method"] == "POST" and await self.fast_checkin(scope, body, send):
+            return
 
         async def replay() -> dict:
             nonlocal replayed
@@ -162,6 +168,69 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     fleet = Fleet(settings, storage, blobs, orchestrator, clock)
     limiter = RateLimiter(settings.device_rate_limit, settings.rate_window_s, clock)
 
+    def rate_limit(device_id: str) -> None:
+        retry = limiter.check(device_id)
+        if retry is not None:
+            raise ApiError(429, "rate_limited", f"Too many requests from device {device_id}; retry in {retry:.0f}s.",
+                           {"Retry-After": str(max(1, int(retry + 0.999)))})
+
+    directive_out = TypeAdapter(s.DirectiveResponse)
+
+    async def no_receive() -> dict:  # pragma: no cover - responses never read the request
+        return {"type": "http.disconnect"}
+
+    async def fast_checkin(scope: dict, body: bytes, send: Callable) -> bool:
+        """``POST /v1/devices/{id}/checkin`` without FastAPI's per-request machinery (dependency
+        solving, middleware layers), which costs more CPU than the check-in itself.
+
+        Only for a plain well-formed request: one ``Authorization: Bearer`` and one
+        ``Content-Type: application/json`` header, a JSON body that validates as
+        :class:`~.schemas.CheckinRequest` and a token that authenticates. Anything else returns
+        False *before any side effect* (no rate-limit hit, no write) and the FastAPI route below
+        handles the request, so every answer (400/401/404/422/...) is exactly the route's. Past
+        that point it does what the route does: the rate limit (429), ``fleet.checkin`` (its
+        ApiErrors rendered like the exception handler), and the body validated and serialized
+        through the same response model.
+        """
+        match = _CHECKIN_PATH.fullmatch(scope["path"])
+        if match is None or scope.get("root_path") or not body:
+            return False
+        auth = ctype = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if auth is not None:
+                    return False
+                auth = value
+            elif name == b"content-type":
+                if ctype is not None:
+                    return False
+                ctype = value
+        if auth is None or ctype is None or ctype.lower() != b"application/json":
+            return False
+        scheme, _, token = auth.decode("latin-1").partition(" ")
+        token = token.strip()
+        if not token or scheme.lower() != "bearer":
+            return False
+        try:
+            req = s.CheckinRequest.model_validate(json.loads(body))  # what the route does with the body
+            found = fleet.authenticate(match.group(1), token)
+        except (ValueError, ApiError):  # JSON / validation errors are ValueErrors: let the route answer
+            return False
+        try:
+            rate_limit(found.id)
+            out = fleet.checkin(found.id, req)
+        except ApiError as exc:
+            await _error_response(exc.status, exc.code, exc.message, exc.headers)(scope, no_receive, send)
+            return True
+        try:
+            payload = directive_out.dump_json(directive_out.validate_python(out, from_attributes=True), by_alias=True)
+        except ValidationError as exc:
+            raise ResponseValidationError(errors=exc.errors(), body=out) from exc
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": payload})
+        return True
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         stop = threading.Event()
@@ -184,7 +253,8 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
 
     app = FastAPI(title="edgepack OTA server", version="1", lifespan=lifespan,
                   description="Signed model bundles and staged rollouts; see docs/ota-protocol.md.")
-    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes,
+                       fast_checkin=fast_checkin)
     app.state.storage, app.state.orchestrator, app.state.fleet, app.state.catalog = storage, orchestrator, fleet, catalog
 
     # --------------------------------------------------------------- errors
@@ -229,16 +299,15 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     # hops per request and GIL hand-offs). Everything slow (uploads, downloads, admin) stays in threads.
     async def device(device_id: str, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> TokenOwner:
         found = fleet.authenticate(device_id, creds.credentials if creds else None)
-        retry = limiter.check(found.id)
-        if retry is not None:
-            raise ApiError(429, "rate_limited", f"Too many requests from device {found.id}; retry in {retry:.0f}s.",
-                           {"Retry-After": str(max(1, int(retry + 0.999)))})
+        rate_limit(found.id)
         return found
 
     # ----------------------------------------------------------- device API
 
     dev = {"tags": ["device"], "responses": _ERRORS}
 
+    # Well-formed check-ins are answered by fast_checkin (in BodyLimitMiddleware); this route
+    # answers the rest and documents the API.
     @app.post("/v1/devices/{device_id}/checkin", response_model=s.DirectiveResponse, **dev)
     async def checkin(req: s.CheckinRequest, d: TokenOwner = Depends(device)) -> dict:
         return fleet.checkin(d.id, req)

@@ -33,6 +33,10 @@ def _not_found(device_id: str) -> ApiError:
     return ApiError(404, "unknown_device", f"There is no device {device_id!r} for this token.")
 
 
+# How long a group's previous-model latency baseline is reused before it is recomputed.
+BASELINE_TTL_S = 10.0
+
+
 class Fleet:
     def __init__(self, settings: ServerSettings, storage: Storage, blobs: BlobStore, orchestrator: Orchestrator,
                  clock: Callable[[], float]) -> None:
@@ -41,6 +45,9 @@ class Fleet:
         self.blobs = blobs
         self.orchestrator = orchestrator
         self.clock = clock
+        # (group, profile, digest) -> (computed at, baseline p95): the scan over a group is
+        # far too costly to repeat on every check-in of a large fleet.
+        self._baselines: dict[tuple, tuple[float, Optional[float]]] = {}
 
     # ------------------------------------------------------------------ admin
 
@@ -136,10 +143,18 @@ class Fleet:
         """The previous model's p95 for ``device``: the slowest p95 reported by the devices of its group
         and profile that still run ``digest`` (None if none do). The slowest, not the median, so that
         device-to-device noise never halts a rollout; only a clear regression does."""
+        key = (device.group, device.profile, digest)
+        now = self.clock()
+        cached = self._baselines.get(key)
+        if cached is not None and now - cached[0] < BASELINE_TTL_S:
+            return cached[1]
+        # ``device`` itself runs the new bundle, so it never counts towards the old one's baseline.
         values = [float(d.health["p95_ms"]) for d in self.storage.list_devices(device.group)
-                  if d.id != device.id and d.profile == device.profile and (d.current or {}).get("digest") == digest
+                  if d.profile == device.profile and (d.current or {}).get("digest") == digest
                   and isinstance((d.health or {}).get("p95_ms"), (int, float))]
-        return max(values) if values else None
+        baseline = max(values) if values else None
+        self._baselines[key] = (now, baseline)
+        return baseline
 
     def _directive_body(self, device_id: str, decision: logic.Directive, rollout: Optional[RolloutRecord],
                         current: Optional[str]) -> dict[str, Any]:
