@@ -50,7 +50,7 @@ def setup() -> None:
         return
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
     _run(*pip, "--upgrade", "pip", "setuptools", "wheel")
-    _run(*pip, "-e", "./runtime", "-e", ".[dev]")
+    _run(*pip, "-e", "./runtime", "-e", ".[dev,tflite]")
     STAMP.write_text(_fingerprint())
 
 

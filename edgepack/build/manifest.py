@@ -19,20 +19,28 @@ from edgepack_runtime.cache import file_sha256
 from ..modelio import TensorSpec
 
 __all__ = ["ENGINE", "MIN_RUNTIME", "PRECISIONS", "file_sha256", "git_commit", "jsonable", "resolved_config",
-           "tensor_schema", "variant_file", "variant_id"]
+           "tensor_schema", "variant_engine", "variant_file", "variant_id"]
 
 FORMAT_VERSION = 1
 ENGINE = "onnxruntime"
 MIN_RUNTIME = "0.1.0"
-PRECISIONS = {"fp32": "fp32", "int8": "int8", "fp16": "fp16"}
+PRECISIONS = {"fp32": "fp32", "int8": "int8", "fp16": "fp16",
+              "tflite-fp32": "fp32", "tflite-int8": "int8", "tflite-fp16": "fp16"}
+TFLITE_PREFIX = "tflite-"
 
 
 def variant_id(variant: str) -> str:
-    return f"onnx-{variant}"
+    return variant if variant.startswith(TFLITE_PREFIX) else f"onnx-{variant}"
 
 
 def variant_file(variant: str) -> str:
-    return f"models/{variant_id(variant)}.onnx"
+    suffix = ".tflite" if variant.startswith(TFLITE_PREFIX) else ".onnx"
+    return f"models/{variant_id(variant)}{suffix}"
+
+
+def variant_engine(variant: str) -> str:
+    """The runtime engine that runs a variant: LiteRT for ``tflite-*``, onnxruntime otherwise."""
+    return "litert" if variant.startswith(TFLITE_PREFIX) else ENGINE
 
 
 def git_commit(directory: Path) -> str | None:

@@ -36,14 +36,15 @@ from ..errors import ConfigError, DataError, GateError
 from . import golden as golden_mod
 from . import stats as stats_mod
 from .manifest import (
-    ENGINE,
     FORMAT_VERSION,
     MIN_RUNTIME,
+    PRECISIONS,
     file_sha256,
     git_commit,
     jsonable,
     resolved_config,
     tensor_schema,
+    variant_engine,
     variant_file,
     variant_id,
 )
@@ -130,8 +131,9 @@ def _check_devices(project) -> None:
             problems.append(f"targets[{index}].device: {exc}")
             continue
         engines = getattr(profile, "engines", None)
-        if engines and ENGINE not in engines:
-            problems.append(f"targets[{index}].device: {target.device} does not run {ENGINE} (engines: {', '.join(engines)})")
+        for engine in sorted({variant_engine(v) for v in target.variants}):
+            if engines and engine not in engines:
+                problems.append(f"targets[{index}].device: {target.device} does not run {engine} (engines: {', '.join(engines)})")
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"Project file {project.path} has {len(problems)} problem(s); fix them and retry:\n{listing}")
@@ -245,6 +247,8 @@ def _variants(project, fp32_bytes: bytes, calibration, batch: int, progress: Pro
         src.write_bytes(fp32_bytes)
         for variant in project.variants:
             devices = [t.device for t in project.targets if variant in t.variants]
+            if variant.startswith("tflite-"):
+                continue  # converted and validated in build() (edgepack.convert)
             if variant == "fp32":
                 out[variant] = VariantResult(variant, fp32_bytes, devices=devices)
                 continue
@@ -262,6 +266,12 @@ def _variants(project, fp32_bytes: bytes, calibration, batch: int, progress: Pro
                                 + ", ".join(audit.left_float[:5]))
             out[variant] = VariantResult(variant, dst.read_bytes(), devices=devices, audit=audit)
     return out
+
+
+def _tflite_tools() -> dict[str, str]:
+    from ..convert.tflite import tool_versions
+
+    return tool_versions()
 
 
 def _gate_failures(project, result: VariantResult) -> list[str]:
@@ -449,10 +459,23 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         warnings.append(note)
 
     results = _variants(project, fp32_bytes, calibration, batch, progress, warnings)
+    tflite = [v for v in project.variants if v.startswith("tflite-")]
+    if tflite:
+        from ..convert.tflite import build_tflite_variants
+
+        for variant, (data, check_report, notes) in build_tflite_variants(fp32_bytes, tflite, calibration, validation, progress).items():
+            results[variant] = VariantResult(variant, data, devices=[t.device for t in project.targets if variant in t.variants],
+                                             audit=check_report)
+            warnings.extend(f"{variant}: {n}" for n in notes)
     sessions = {}
     for variant, result in results.items():
         progress(f"Measuring {variant} on validation data")
-        sessions[variant] = _session(result.model_bytes, f"the {variant} variant")
+        if variant.startswith("tflite-"):
+            from ..convert.tflite import LiteRTSession
+
+            sessions[variant] = LiteRTSession(result.model_bytes, THREADS)
+        else:
+            sessions[variant] = _session(result.model_bytes, f"the {variant} variant")
         result.numerics = compare(reference, sessions[variant], validation, batch)
     progress("Measuring latency")
     timings = measure_latency({v: s for v, s in sessions.items()}, validation.batch(0, batch_size_for(inputs, 1)),
@@ -503,6 +526,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         "warnings": warnings,
         "bundle": None,
     }
+    for r in results.values():
+        if r.variant.startswith("tflite-") and r.audit is not None:
+            report["variants"][r.id]["tflite_validation"] = r.audit.to_dict()
     failures = [f"{r.variant}: {f}" for r in results.values() for f in r.failures]
     if baseline_failure:
         failures.append(baseline_failure)
@@ -549,7 +575,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         "description": project.description,
         "io": _io_schema(embedded, pre, post, val_raw_arrays, outputs[fp32_key]),
         "variants": [
-            {"id": r.id, "file": r.file, "engine": ENGINE, "precision": r.variant, "min_runtime": MIN_RUNTIME,
+            {"id": r.id, "file": r.file, "engine": variant_engine(r.variant), "precision": PRECISIONS[r.variant], "min_runtime": MIN_RUNTIME,
              "devices": r.devices, "size_bytes": r.size_bytes}
             for r in results.values()
         ],
@@ -563,7 +589,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                            "description": f"{len(validation)} raw samples from array '{project.validation.key}'"
                            + (f", labels '{project.validation.labels or 'auto'}'" if validation.labels is not None else ", no labels")},
             "tools": {"edgepack": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                      "numpy": np.__version__},
+                      "numpy": np.__version__, **(_tflite_tools() if tflite else {})},
             "git_commit": git_commit(base_dir),
             "steps": {"fold_normalization": fold_info, "graph_optimization": graph_info},
             "project": resolved_config(project, pre.to_dict(), post.to_dict() if post is not None else None),

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from . import bench_cmd, bundle_cmds, devices_cmd, flash_cmd, optimize_cmd, server_cmd
+from . import bench_cmd, bundle_cmds, convert_cmd, devices_cmd, flash_cmd, optimize_cmd, server_cmd
 
 app = typer.Typer(
     name="edgepack",
@@ -37,6 +37,7 @@ bundle_cmds.register(app)
 flash_cmd.register(app)
 server_cmd.register(app)
 bench_cmd.register(app)
+convert_cmd.register(app)
 
 
 def main() -> None:

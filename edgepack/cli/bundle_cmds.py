@@ -256,6 +256,12 @@ def inspect(
 # --------------------------------------------------------------------------- verify
 
 
+def _litert_available() -> bool:
+    from edgepack_runtime.engines import ENGINES
+
+    return ENGINES["litert"].available()
+
+
 def _golden(root: Path, manifest) -> dict[str, Any]:
     """Run every onnxruntime variant on the golden vectors; variant id -> problems (empty: passed)."""
     from ..build.golden import check_golden, read_npz
@@ -269,11 +275,17 @@ def _golden(root: Path, manifest) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for variant in manifest.variants:
         vid = variant.get("id")
-        if variant.get("engine") != "onnxruntime":
+        litert = variant.get("engine") == "litert" and _litert_available()
+        if variant.get("engine") != "onnxruntime" and not litert:
             results[vid] = None
             continue
         try:
-            sess = session((root / variant["file"]).read_bytes(), 1)
+            if litert:
+                from ..convert.tflite import LiteRTSession
+
+                sess = LiteRTSession((root / variant["file"]).read_bytes(), 1)
+            else:
+                sess = session((root / variant["file"]).read_bytes(), 1)
             results[vid] = check_golden(sess, vid, arrays, tolerances.get(vid) or {})
         except Exception as exc:  # noqa: BLE001 - a variant that does not run on this host fails verification
             results[vid] = [f"{vid}: does not run on this host's onnxruntime ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"]
@@ -315,7 +327,7 @@ def verify(
         "key_id": manifest.key_id,
         "signature": "ok",
         "members": {name: "ok" for name in sorted(manifest.files)},
-        "golden": {vid: ("skipped (engine not onnxruntime)" if value is None else ("ok" if not value else value))
+        "golden": {vid: ("skipped (its engine is not installed here)" if value is None else ("ok" if not value else value))
                    for vid, value in golden.items()},
         "verified": not problems,
     }

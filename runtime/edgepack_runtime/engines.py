@@ -87,6 +87,7 @@ class _LiteRTSession:
     def __init__(self, path: Path, threads: int) -> None:
         interpreter_class = _litert_interpreter_class()
         try:
+            # num_threads also sizes XNNPACK's thread pool; the XNNPACK delegate is on by default.
             self._interp = interpreter_class(model_path=str(path), num_threads=threads)
             self._interp.allocate_tensors()
         except Exception as exc:  # noqa: BLE001
@@ -96,15 +97,29 @@ class _LiteRTSession:
         self.input_names = [d["name"] for d in self._inputs]
         self.output_names = [d["name"] for d in self._outputs]
 
-    def run(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    def _invoke(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
         for detail in self._inputs:
-            array = feed[detail["name"]]
+            array = np.ascontiguousarray(feed[detail["name"]])
             if tuple(detail["shape"]) != array.shape:
+                fixed = [int(s) for s in detail.get("shape_signature", detail["shape"])]
+                if any(f > 0 and f != a for f, a in zip(fixed[1:], array.shape[1:])) or len(fixed) != array.ndim:
+                    raise EngineError(f"This TFLite variant takes {detail['name']!r} shaped {['N'] + fixed[1:]}, got {list(array.shape)}.")
                 self._interp.resize_tensor_input(detail["index"], array.shape)
                 self._interp.allocate_tensors()
+                self._inputs = self._interp.get_input_details()
+                self._outputs = self._interp.get_output_details()
             self._interp.set_tensor(detail["index"], array)
         self._interp.invoke()
-        return [self._interp.get_tensor(d["index"]) for d in self._outputs]
+        return [np.array(self._interp.get_tensor(d["index"])) for d in self._outputs]
+
+    def run(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        rows = next(iter(feed.values())).shape[0] if feed else 1
+        signature = self._inputs[0].get("shape_signature", self._inputs[0]["shape"]) if self._inputs else []
+        if len(signature) and signature[0] == 1 and rows != 1:
+            # A static batch of 1 (usual for converted edge models): run row by row.
+            parts = [self._invoke({k: v[i:i + 1] for k, v in feed.items()}) for i in range(rows)]
+            return [np.concatenate([p[j] for p in parts]) for j in range(len(self._outputs))]
+        return self._invoke(feed)
 
 
 def _load_litert(path: Path, threads: int) -> Session:
