@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", default=None, help="This device's id at the OTA server (with --ota-server).")
     p.add_argument("--token-file", default=None, help="File holding the device token (with --ota-server).")
     p.add_argument("--ota-interval", type=float, default=60.0, help="OTA poll interval in seconds until the server sets one.")
+    p.add_argument("--shadow", default=None, help="Candidate bundle (.epk) to run beside the served model on a sample of live "
+                   "requests (its answers are never served); agreement and latency go into check-in summaries and /info.")
+    p.add_argument("--shadow-sample", type=float, default=0.25, help="Share of requests also run on the --shadow candidate (0..1].")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ota", parents=[common], help="Poll an OTA server and apply its updates (docs/ota-protocol.md).")
     p.add_argument("--server", required=True, help="OTA server base URL.")

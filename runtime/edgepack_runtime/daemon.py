@@ -34,6 +34,16 @@ client switches the cache (install, self-test, rollback) it asks the daemon to l
 the model through the same path as SIGHUP (synchronously, so probation only ever
 measures the new model), and the daemon answers with the model it now serves.
 
+Monitoring (:mod:`.monitor`): every served bundle gets a :class:`~.monitor.Monitor` fed by
+/predict (inputs against the bundle's reference bins, classes, confidence, latency,
+engine errors, validation rejects); the OTA client sends ``{"window": summary}`` in each
+check-in, with the labels posted to /labels (removed once a check-in carrying them was
+answered). ``--shadow CANDIDATE.epk`` verifies the candidate against the pinned keys,
+extracts it to ``CACHE/shadow/<digest>`` (never a cache slot), self-tests it, and runs it
+on ``--shadow-sample`` of live requests in a background thread (bounded queue, dropped
+when full); its agreement and latency are the summary's ``shadow``. /info shows the
+current window (without resetting it).
+
 Settings not on the command line come from the environment (read only in
 :func:`main_from_args`): ``EDGEPACK_HTTP_ANY=1`` (allow a non-loopback --http host),
 ``EDGEPACK_MAX_BODY_MB`` (request body cap, default 8), ``EDGEPACK_MAX_CONNECTIONS``
@@ -74,6 +84,7 @@ from .engines import ENGINES, available_engines
 from .errors import EdgepackError
 from .metrics import Metrics, input_edges
 from .model import Model, RuntimeConfig, load
+from .monitor import LabelQueue, Shadow, load_candidate, monitor_for
 from .predlog import PredictionLog, UnknownPrediction
 from .validate import InputValidationError
 
@@ -232,6 +243,8 @@ class DaemonOptions:
     idle_seconds: float = 60.0
     access_log: bool = False
     ota: Optional[Any] = None
+    shadow: Optional[Path] = None
+    shadow_sample: float = 0.25
 
 
 def parse_http(value: str, allow_any: bool = False) -> Tuple[str, int]:
@@ -298,7 +311,16 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> DaemonOptions:
         idle_seconds=_env_float(env, "EDGEPACK_IDLE_SECONDS", 60.0, 0.1),
         access_log=env.get("EDGEPACK_ACCESS_LOG", "") not in ("", "0", "false", "no"),
         ota=ota,
+        shadow=Path(args.shadow) if getattr(args, "shadow", None) else None,
+        shadow_sample=_shadow_sample(getattr(args, "shadow_sample", 0.25)),
     )
+
+
+def _shadow_sample(value: Any) -> float:
+    sample = float(0.25 if value is None else value)
+    if not 0.0 < sample <= 1.0:
+        raise EdgepackError(f"--shadow-sample must be in (0, 1] (got {sample}).")
+    return sample
 
 
 def ota_options_from_args(args: Any) -> Optional[Any]:
@@ -376,6 +398,7 @@ class ModelState:
         io_spec = model.manifest.get("io") or {}
         self._labels = {s.get("name"): s.get("labels") for s in (io_spec.get("outputs") or []) if isinstance(s, dict)}
         self._class_index: Any = "unset"
+        self.window: Optional[Any] = None  # the monitor.Monitor of this bundle (set by the daemon)
         self.info = model.info()
         self.info["variants"] = [v.get("id") for v in model.manifest.get("variants", [])]
         self.info["key_id"] = model.manifest.key_id
@@ -584,6 +607,10 @@ class Daemon:
             from .ota.probation import ProbationMonitor
 
             self.monitor = ProbationMonitor()
+        self.labels = LabelQueue()  # ground truth for the next check-in (monitor.py)
+        self.shadow: Optional[Shadow] = None
+        self._predicted: Dict[str, Tuple[Any, str]] = {}  # logged prediction id -> (predicted class, digest), bounded
+        self._predicted_lock = threading.Lock()
 
     # ------------------------------------------------------------ model
 
@@ -608,6 +635,15 @@ class Daemon:
                 _log(f"reload failed; still serving {self.state.name} {self.state.version}: {message}")
             return
         previous = self.state
+        if previous is not None and previous.window is not None and previous.model.slot.digest == state.model.slot.digest:
+            state.window = previous.window  # a reload of the same bundle continues its window
+        else:
+            try:
+                state.window = monitor_for(state.model)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never stop a model from serving
+                _log(f"monitoring is off for this model: {type(exc).__name__}: {exc}")
+            if state.window is not None:
+                state.window.labels, state.window.shadow = self.labels, self.shadow
         self.metrics.flush()
         self.state = state  # one reference assignment: requests see the old or the new model, whole
         if self.monitor is not None and (previous is None or previous.model.slot.digest != state.model.slot.digest):
@@ -879,16 +915,22 @@ class Daemon:
                 raise InputValidationError("Content-Type", f"must be application/json or application/x-npy (got {ctype[:100].decode('latin-1') or 'none'})")
             checked = state.validate(feed)
         except InputValidationError as exc:
+            if state.window is not None:
+                state.window.record_reject(exc.field)
             return self._bad(exc, close)
         except RecursionError:
+            if state.window is not None:
+                state.window.record_reject("body")
             return self._bad(InputValidationError("body", "is nested too deeply"), close)
         monitor = self.monitor
-        t0 = time.perf_counter() if monitor is not None else 0.0
+        t0 = time.perf_counter()
         try:
             outputs = state.run(checked)
         except Exception as exc:  # noqa: BLE001 - engine failures are answered, not fatal
             if monitor is not None:
                 monitor.record(time.perf_counter() - t0, error=True)
+            if state.window is not None:
+                state.window.record_error("engine")
             self.metrics.error("engine")
             return 500, _response(500, _error_body(None, f"the model failed on this input: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"), close)
         if monitor is not None:
@@ -899,6 +941,12 @@ class Daemon:
                     nonfinite = True
                     break
             monitor.record(elapsed, nonfinite=nonfinite)
+        window = state.window
+        if window is not None:
+            named = dict(zip(state.output_names, outputs))
+            window.record(checked, named, time.perf_counter() - t0 if monitor is None else elapsed)
+            if window.shadow is not None:
+                window.shadow.offer(checked, named)
         pid = self._id_prefix + "%x" % next(self._ids)
         nbytes = 0
         for array in checked.values():
@@ -907,7 +955,8 @@ class Daemon:
         log = self.predlog
         if log is not None and log.sample > 0.0 and (log.sample >= 1.0 or random.random() < log.sample):
             loggable = {n: o for n, o in zip(state.output_names, outputs) if isinstance(o, np.ndarray) and not o.dtype.hasobject}
-            log.log(pid, state.ident, checked, loggable)
+            if log.log(pid, state.ident, checked, loggable):
+                self._remember_prediction(pid, state, outputs)
         accept = headers.get(b"accept")
         if accept is not None and _NPY in accept and isinstance(outputs[0], np.ndarray) and not outputs[0].dtype.hasobject:
             extra = state.npy_headers + b"X-Prediction-Id: " + pid.encode() + b"\r\n"
@@ -944,6 +993,9 @@ class Daemon:
                 self.predlog.label(pid, obj["label"])
             except UnknownPrediction:
                 raise InputValidationError("id", "is not in the prediction log (it was not sampled, or has rotated out)") from None
+            with self._predicted_lock:
+                predicted, digest = self._predicted.get(pid, (None, None))
+            self.labels.add(pid, obj["label"], predicted, digest)  # travels with the next check-in
         except InputValidationError as exc:
             return self._bad(exc, close)
         except queue.Full:
@@ -982,6 +1034,7 @@ class Daemon:
             "listen": dict(self.addresses),
             "predlog": self.predlog.stats() if self.predlog else None,
             "ota": self.ota_info(),
+            "monitor": state.window.summary(reset=False) if state is not None and state.window is not None else None,
         }
 
     def ota_info(self) -> Optional[Dict[str, Any]]:
@@ -998,6 +1051,47 @@ class Daemon:
         health = self.monitor.health(serving=self.state is not None)
         health["uptime_s"] = round(time.time() - self.started, 1)
         return health
+
+    def ota_summaries(self) -> Dict[str, Any]:
+        """The check-in ``summaries``: ``{"window": Monitor.summary()}`` (starts a new window); never raw data."""
+        state = self.state
+        if state is None or state.window is None:
+            return {}
+        return {"window": state.window.summary(reset=True)}
+
+    def ota_summaries_ack(self, summaries: Dict[str, Any]) -> None:
+        """The server answered the check-in that carried ``summaries``: its labels are delivered."""
+        window = summaries.get("window") if isinstance(summaries, dict) else None
+        if isinstance(window, dict) and window.get("labels"):
+            self.labels.ack(window["labels"])
+
+    def _remember_prediction(self, pid: str, state: ModelState, outputs: List[Any]) -> None:
+        """Predicted class of a logged prediction, for the label that may follow (bounded map)."""
+        index = state.class_output_index(outputs)
+        predicted: Any = None
+        if index is not None and outputs[index].shape[1]:
+            classes = np.argmax(outputs[index], axis=1).tolist()  # class indices (the manifest's labels name them)
+            predicted = classes[0] if len(classes) == 1 else classes
+        remembered = self._predicted
+        with self._predicted_lock:
+            remembered[pid] = (predicted, state.model.slot.digest)
+            if len(remembered) > 20000:
+                for old in list(remembered)[:10000]:
+                    del remembered[old]
+
+    def start_shadow(self) -> None:
+        """``--shadow BUNDLE``: load the candidate beside the served model (see monitor.load_candidate)."""
+        try:
+            candidate = load_candidate(self.config, self.options.shadow)
+        except Exception as exc:  # noqa: BLE001 - a broken candidate never stops serving
+            _log(f"shadow: {self.options.shadow} is not run: {exc}")
+            return
+        self.shadow = Shadow(candidate.predict, candidate.slot.digest, str(candidate.variant.get("id")), self.options.shadow_sample)
+        state = self.state
+        if state is not None and state.window is not None:
+            state.window.shadow = self.shadow
+        _log(f"shadow: running {candidate.name} {candidate.version} ({candidate.variant.get('id')}) on "
+             f"{self.options.shadow_sample:.0%} of requests; answers are not served")
 
     def _ota_load(self) -> Any:
         """The OTA client's loader: load what the cache now says (same path as SIGHUP), return what is served.
@@ -1017,7 +1111,8 @@ class Daemon:
         from .ota.client import OtaClient
 
         self.ota = OtaClient(self.config, self.options.ota, monitor=self.monitor, health=self.ota_health,
-                             loader=self._ota_load, log=lambda message: _log(f"ota: {message}"))
+                             loader=self._ota_load, log=lambda message: _log(f"ota: {message}"),
+                             summaries=self.ota_summaries, summaries_ack=self.ota_summaries_ack)
         self._ota_thread = threading.Thread(target=self._ota_loop, name="edgepack-ota", daemon=True)
         self._ota_thread.start()
 
@@ -1108,6 +1203,8 @@ class Daemon:
         if self.options.log_dir is not None:
             self.predlog = PredictionLog(self.options.log_dir, self.options.log_max_bytes, self.options.log_sample)
         self.load_model()
+        if self.options.shadow is not None:
+            self.start_shadow()
         self.listen()
         for listener in self._listeners:
             listener.thread.start()

@@ -102,7 +102,9 @@ class OtaClient:
                  health: Optional[Callable[[], Dict[str, Any]]] = None, fault: Optional[Fault] = None,
                  sleep: Optional[Callable[[float], None]] = None, clock: Callable[[], float] = time.monotonic,
                  rng: Optional[random.Random] = None, log: Callable[[str], None] = _stderr,
-                 http: Optional[HttpClient] = None, loader: Optional[Callable[[], Any]] = None) -> None:
+                 http: Optional[HttpClient] = None, loader: Optional[Callable[[], Any]] = None,
+                 summaries: Optional[Callable[[], Dict[str, Any]]] = None,
+                 summaries_ack: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         self.config = config
         self.options = options
         self.cache = Cache(config.cache)
@@ -114,6 +116,8 @@ class OtaClient:
         self.monitor = monitor if monitor is not None else InProcessMonitor()
         self._health = health
         self._loader = loader
+        self._summaries = summaries          # -> the check-in "summaries" (monitor.py windows; never raw data)
+        self._summaries_ack = summaries_ack  # called once the server answered the check-in that carried them
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self.clock = clock
@@ -356,14 +360,29 @@ class OtaClient:
 
         body = {"seq": self.machine.next_seq(), "state": self.machine.state, "current": slot("current"),
                 "previous": slot("previous"), "health": self.health(), "runtime_version": __version__,
-                "engines": available_engines(), "summaries": {}}
+                "engines": available_engines(), "summaries": self._summary_body()}
         _, directive = self.http.call_json("POST", self._device("checkin"), body)
         if not isinstance(directive, dict):
             raise Unreachable("POST checkin: the server's directive is not a JSON object; will retry.")
+        if self._summaries_ack is not None and body["summaries"]:
+            try:
+                self._summaries_ack(body["summaries"])
+            except Exception as exc:  # noqa: BLE001 - bookkeeping of summaries never stops an update
+                self.log(f"summaries: acknowledgement failed: {type(exc).__name__}: {exc}")
         poll = directive.get("poll_interval_s")
         if isinstance(poll, (int, float)) and poll > 0:
             self.interval_s = float(poll)
         return directive
+
+    def _summary_body(self) -> Dict[str, Any]:
+        if self._summaries is None:
+            return {}
+        try:
+            summaries = self._summaries()
+        except Exception as exc:  # noqa: BLE001 - a broken summary must never stop a check-in
+            self.log(f"summaries: {type(exc).__name__}: {exc}")
+            return {}
+        return summaries if isinstance(summaries, dict) else {}
 
     # -------------------------------------------------------------- directive
 
