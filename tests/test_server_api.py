@@ -246,7 +246,7 @@ def test_provisioning_token_shown_once_and_only_its_hash_stored(server):
     db = c.settings.sqlite_path
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT token_sha256 FROM devices WHERE id='pi-001'").fetchone()[0] == sha(token.encode())
-        assert [row[0] for row in con.execute("SELECT version FROM schema_migrations")] == [1]
+        assert [row[0] for row in con.execute("SELECT version FROM schema_migrations")] == [1, 2]
     for f in db.parent.glob("edgepack.db*"):
         assert token.encode() not in f.read_bytes()
 
@@ -470,9 +470,9 @@ def test_migrate_command(tmp_path):
 
     runner = CliRunner()
     first = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path)])
-    assert first.exit_code == 0 and "Applied migrations 1" in first.stdout
+    assert first.exit_code == 0 and "Applied migrations 1, 2" in first.stdout
     again = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path)])
-    assert again.exit_code == 0 and "up to date (version 1)" in again.stdout
+    assert again.exit_code == 0 and "up to date (version 2)" in again.stdout
     assert not (tmp_path / "admin.token").exists()
 
 
@@ -553,7 +553,7 @@ def test_real_server_survives_sigkill_mid_rollout(tmp_path, kit):
         replay = {"events": [{"seq": joined[0].seq, "type": "rolled_back", "rollout_id": rid}]}
         assert c.post(f"/v1/devices/{joined[0].id}/events", json=replay, headers=joined[0].headers).status_code == 409
         assert joined[-1].checkin().status_code == 200
-        assert c.get("/healthz").json()["schema_version"] == 1
+        assert c.get("/healthz").json()["schema_version"] == 2
         # the periodic tick advances soak-timed steps on its own
         provision(c, "t0", group="tick")
         tid = rollout(c, v2, group="tick", steps=[50, 100], soak_seconds=0.3, min_devices_succeeded=0)["id"]

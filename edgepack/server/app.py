@@ -32,7 +32,9 @@ from ..errors import EdgepackError, ServerError
 from . import schemas as s
 from .blobs import BlobStore, iter_file_range, parse_range
 from .catalog import Catalog
+from .alerts import Alerter, alert_out
 from .fleet import Fleet
+from .fleetmon import FleetMonitor
 from .http_errors import ApiError, error_body
 from .orchestration import Orchestrator
 from .ratelimit import RateLimiter
@@ -165,7 +167,9 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     blobs = BlobStore(settings.blob_dir)
     orchestrator = Orchestrator(storage, clock)
     catalog = Catalog(storage, blobs, keys, clock)
-    fleet = Fleet(settings, storage, blobs, orchestrator, clock)
+    alerter = Alerter(settings, storage, clock)
+    monitor = FleetMonitor(settings, storage, orchestrator, alerter, clock)
+    fleet = Fleet(settings, storage, blobs, orchestrator, clock, monitor)
     limiter = RateLimiter(settings.device_rate_limit, settings.rate_window_s, clock)
 
     def rate_limit(device_id: str) -> None:
@@ -242,6 +246,10 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
                         orchestrator.tick()
                     except Exception:  # noqa: BLE001 - keep ticking; the next tick retries
                         log.exception("rollout tick failed")
+                    try:
+                        monitor.tick()
+                    except Exception:  # noqa: BLE001 - keep ticking; the next tick retries
+                        log.exception("monitoring tick failed")
             thread = threading.Thread(target=loop, name="edgepack-rollout-tick", daemon=True)
             thread.start()
         try:
@@ -250,12 +258,14 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
             stop.set()
             if thread is not None:
                 thread.join(timeout=5)
+            alerter.close()
 
     app = FastAPI(title="edgepack OTA server", version="1", lifespan=lifespan,
                   description="Signed model bundles and staged rollouts; see docs/ota-protocol.md.")
     app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes,
                        fast_checkin=fast_checkin)
     app.state.storage, app.state.orchestrator, app.state.fleet, app.state.catalog = storage, orchestrator, fleet, catalog
+    app.state.monitor, app.state.alerter = monitor, alerter
 
     # --------------------------------------------------------------- errors
 
@@ -411,9 +421,17 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     def list_events(device_id: Optional[str] = None, rollout_id: Optional[str] = None, limit: int = 100) -> list:
         return [e.__dict__ for e in storage.list_events(device_id, rollout_id, max(1, min(limit, 1000)))]
 
+    @app.get("/v1/admin/alerts", **adm)
+    def list_alerts(status: Optional[str] = None, group: Optional[str] = None, limit: int = 200) -> list:
+        return [alert_out(a) for a in storage.list_alerts(status, group, max(1, min(limit, 1000)))]
+
+    @app.get("/v1/admin/drift", **adm)
+    def drift(group: Optional[str] = None, version: Optional[str] = None, history: int = 200) -> dict:
+        return monitor.drift_view(group, version, max(0, min(history, 10_000)))
+
     @app.get("/v1/admin/summary", **adm)
     def summary() -> dict:
-        return build_summary(settings, storage, orchestrator, clock)
+        return build_summary(settings, storage, orchestrator, clock, monitor)
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgepack_runtime.bundle import PublicKey, verify_bundle
+from edgepack_runtime.bundle import PublicKey, read_member, verify_bundle
 
 from ..errors import EdgepackError
 from .blobs import BlobStore
@@ -35,6 +36,20 @@ def gate_failures(manifest: Any) -> list[str]:
     if isinstance(listed, list):
         failures.extend(str(f) for f in listed)
     return failures
+
+
+REFERENCE_MEMBER = "stats/reference.json"
+
+
+def reference_of(path: Path, manifest: Any) -> Any:
+    """The bundle's reference statistics (``stats/reference.json``), or None; call after verification."""
+    if REFERENCE_MEMBER not in manifest.files:
+        return None
+    try:
+        doc = json.loads(read_member(path, REFERENCE_MEMBER, max_size=16 * 1024**2))
+    except (EdgepackError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 class Catalog:
@@ -70,12 +85,16 @@ class Catalog:
         if clash is not None:
             raise ApiError(409, "version_exists", f"Bundle {manifest.name} {manifest.version} already exists with a "
                            f"different digest ({clash.digest[:12]}…); bump the version and rebuild.")
+        reference = reference_of(temp_path, manifest)
         self.blobs.adopt(temp_path, digest)
         record = BundleRecord(
             id=f"b_{digest[:16]}", name=manifest.name, version=manifest.version, digest=digest, size=size,
             stage="staging", key_id=manifest.key_id, manifest={k: manifest[k] for k in manifest}, created_at=self.clock(),
         )
-        self.storage.add_bundle(record)
+        with self.storage.transaction():
+            self.storage.add_bundle(record)
+            if reference is not None:  # drift monitoring compares device summaries with it
+                self.storage.set_reference(digest, reference, record.created_at)
         return record, True
 
     def get(self, bundle_id: str) -> BundleRecord:

@@ -39,8 +39,9 @@ BASELINE_TTL_S = 10.0
 
 class Fleet:
     def __init__(self, settings: ServerSettings, storage: Storage, blobs: BlobStore, orchestrator: Orchestrator,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], monitor: Any = None) -> None:
         self.settings = settings
+        self.monitor = monitor  # FleetMonitor: gets each check-in's summaries (O(1) enqueue)
         self.storage = storage
         self.blobs = blobs
         self.orchestrator = orchestrator
@@ -130,6 +131,8 @@ class Fleet:
             decision, rollout = self.orchestrator.directive_for(device, current)
             if rollout is not None:
                 self.orchestrator.evaluate(self.storage.get_rollout(rollout.id), now)
+        if req.summaries and self.monitor is not None:
+            self.monitor.ingest(device_id, device.group, current, req.summaries, now)
         return self._directive_body(device_id, decision, rollout, current)
 
     def _health_failure(self, device: DeviceRecord, probation: Optional[dict], from_digest: Optional[str]):

@@ -52,6 +52,9 @@ class Orchestrator:
     def __init__(self, storage: Storage, clock: Callable[[], float]) -> None:
         self.storage = storage
         self.clock = clock
+        # rollout -> {"verdict": "pass" | "wait" | "fail", "reasons": [...], ...} for rollouts with ML gates
+        # (set by the fleet monitor; cached there, so it is cheap enough for the check-in path)
+        self.gate_check: Optional[Callable[[RolloutRecord], dict[str, Any]]] = None
 
     # ------------------------------------------------------------------ admin
 
@@ -84,6 +87,7 @@ class Orchestrator:
                 probation=req.probation.model_dump(), status=logic.ACTIVE, step_index=0, step_started_at=now,
                 created_at=now, updated_at=now,
                 history=[{"at": now, "event": "created", "by": "admin", "detail": f"step 0 at {req.steps[0]}%"}],
+                gates=req.gates.model_dump(exclude_defaults=True) if req.gates else {},
             )
             self.storage.add_rollout(record)
         return record
@@ -122,6 +126,8 @@ class Orchestrator:
             return r
         if r.status != logic.ACTIVE:
             return r
+        if r.gates and self.gate_check is not None and self.gate_check(r).get("verdict") != "pass":
+            return r  # ML gates not (yet) passed: the step waits (a failed gate halts from the monitor's tick)
         positions: Optional[list[float]] = None
         succeeded = sum(1 for m in members if m.state == logic.COMMITTED)
         for _ in range(len(r.steps)):
@@ -148,6 +154,15 @@ class Orchestrator:
                                     history=r.history + [{"at": now, "event": "advanced", "by": "auto",
                                                           "detail": f"step {nxt} at {r.steps[nxt]}%"}])
             self.storage.save_rollout(r)
+        return r
+
+    def halt(self, r: RolloutRecord, reasons: list[dict], message: str, now: float) -> RolloutRecord:
+        """Halt ``r`` for reasons found outside member failures (ML gates); inside a transaction."""
+        if r.status not in (logic.ACTIVE, logic.PAUSED, logic.COMPLETED):
+            return r
+        r = dataclasses.replace(r, status=logic.HALTED, halt_reasons=reasons, updated_at=now,
+                                history=r.history + [{"at": now, "event": "halted", "by": "auto", "detail": message}])
+        self.storage.save_rollout(r)
         return r
 
     def tick(self) -> list[str]:
@@ -208,6 +223,9 @@ class Orchestrator:
         if r.status == logic.ACTIVE:
             eligible = sum(1 for p in positions if p < r.steps[r.step_index])
             waiting = logic.advance_decision(policy, r.step_index, r.step_started_at, self.clock(), views, eligible).waiting_for
+        gate_status = self.gate_check(r) if r.gates and self.gate_check is not None else None
+        if r.status == logic.ACTIVE and gate_status and gate_status.get("verdict") != "pass":
+            waiting = waiting + [f"ML gates: {w}" for w in gate_status.get("waiting", [])]
         halts = [h for h in r.history if h.get("event") == "halted"]
         bundle = self.storage.get_bundle(r.bundle_id)
         return {
@@ -217,6 +235,7 @@ class Orchestrator:
             "current_percent": r.steps[r.step_index],
             "halt_message": halts[-1]["detail"] if halts and r.halt_reasons else None,
             "waiting_for": waiting,
+            "gate_status": gate_status,
             "progress": progress,
             "members": [dataclasses.asdict(m) for m in members] if with_members else [],
         }

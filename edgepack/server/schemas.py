@@ -184,6 +184,13 @@ class DeviceOut(BaseModel):
     engines: list[str]
 
 
+class RolloutGates(_Admin):
+    """ML gates a rollout step must pass before it advances; a violation halts it like install failures."""
+    min_shadow_agreement: Optional[Annotated[Number, Field(ge=0, le=1)]] = None
+    max_prediction_shift_psi: Optional[Annotated[Number, Field(gt=0)]] = None
+    min_live_accuracy_vs_previous: StrictBool = False
+
+
 class RolloutCreate(_Admin):
     bundle_id: StrictStr
     group: Annotated[StrictStr, Field(min_length=1, max_length=128)]
@@ -193,6 +200,7 @@ class RolloutCreate(_Admin):
     max_failure_rate: Annotated[Number, Field(ge=0, le=1)] = 0.1
     halt_min_count: Annotated[StrictInt, Field(ge=1)] = 1
     probation: Probation = Field(default_factory=Probation)
+    gates: Optional[RolloutGates] = None
 
 
 class StepOut(BaseModel):
@@ -240,3 +248,5 @@ class RolloutOut(BaseModel):
     progress: list[StepOut]
     members: list[MemberOut] = Field(default_factory=list)
     history: list[dict[str, Any]] = Field(default_factory=list)
+    gates: dict[str, Any] = Field(default_factory=dict)
+    gate_status: Optional[dict[str, Any]] = None

@@ -49,6 +49,22 @@ class ServerSettings:
         poll_interval_s: Check-in interval suggested to devices.
         tick_interval_s: How often soak-time advancement is evaluated.
         stale_after_s: A device not seen for this long shows as stale in the summary.
+        monitor_window_s: Fleet monitoring uses each device's latest summary received within
+            this many seconds (its check-in window).
+        psi_alert: PSI above which an input/prediction distribution counts as shifted.
+        p_value_alert: ...and the chi-square p-value must be below this (evidence).
+        min_drift_samples: Fewest values (per feature, or predictions) before drift is judged.
+        min_labels: Fewest ground-truth labels before live accuracy is judged.
+        accuracy_drop_alert: Alert when a version's live accuracy is this much below another
+            version's in the same group (beyond noise).
+        shadow_agreement_alert: Alert when shadow agreement falls below this.
+        model_max_age_s: Alert when a group runs a bundle older than this.
+        alert_webhook_url: Optional URL alerts are POSTed to (JSON); empty disables.
+        webhook_retries, webhook_backoff_s, webhook_timeout_s: Delivery attempts after the first,
+            the first retry delay (doubling each time, capped at 60 s), per-request timeout.
+        drift_retention_s: Drift evaluations older than this are pruned.
+        drift_record_interval_s: Each (group, version) stores at most one set of evaluations
+            per this many seconds (alerts and gates use every evaluation).
     """
 
     data_dir: Path
@@ -65,6 +81,20 @@ class ServerSettings:
     poll_interval_s: int = 60
     tick_interval_s: float = 5.0
     stale_after_s: float = 600.0
+    monitor_window_s: float = 300.0
+    psi_alert: float = 0.2
+    p_value_alert: float = 1e-3
+    min_drift_samples: int = 200
+    min_labels: int = 50
+    accuracy_drop_alert: float = 0.05
+    shadow_agreement_alert: float = 0.9
+    model_max_age_s: float = 180 * 86400.0
+    alert_webhook_url: str = ""
+    webhook_retries: int = 5
+    webhook_backoff_s: float = 1.0
+    webhook_timeout_s: float = 5.0
+    drift_retention_s: float = 7 * 86400.0
+    drift_record_interval_s: float = 300.0
 
     def admin_token_ok(self, token: str) -> bool:
         """Constant-time check of a presented admin token."""
@@ -191,6 +221,20 @@ def load_settings(
         poll_interval_s=_int("poll_interval_s", env.get(ENV_PREFIX + "POLL_INTERVAL_S", 60), 1),
         tick_interval_s=_float("tick_interval_s", env.get(ENV_PREFIX + "TICK_INTERVAL_S", 5)),
         stale_after_s=_float("stale_after_s", env.get(ENV_PREFIX + "STALE_AFTER_S", 600)),
+        monitor_window_s=_float("monitor_window_s", env.get(ENV_PREFIX + "MONITOR_WINDOW_S", 300)),
+        psi_alert=_float("psi_alert", env.get(ENV_PREFIX + "PSI_ALERT", 0.2)),
+        p_value_alert=_float("p_value_alert", env.get(ENV_PREFIX + "P_VALUE_ALERT", 1e-3)),
+        min_drift_samples=_int("min_drift_samples", env.get(ENV_PREFIX + "MIN_DRIFT_SAMPLES", 200), 1),
+        min_labels=_int("min_labels", env.get(ENV_PREFIX + "MIN_LABELS", 50), 1),
+        accuracy_drop_alert=_float("accuracy_drop_alert", env.get(ENV_PREFIX + "ACCURACY_DROP_ALERT", 0.05)),
+        shadow_agreement_alert=_float("shadow_agreement_alert", env.get(ENV_PREFIX + "SHADOW_AGREEMENT_ALERT", 0.9)),
+        model_max_age_s=_float("model_max_age_s", env.get(ENV_PREFIX + "MODEL_MAX_AGE_S", 180 * 86400)),
+        alert_webhook_url=str(env.get(ENV_PREFIX + "ALERT_WEBHOOK_URL", "")),
+        webhook_retries=_int("webhook_retries", env.get(ENV_PREFIX + "WEBHOOK_RETRIES", 5)),
+        webhook_backoff_s=_float("webhook_backoff_s", env.get(ENV_PREFIX + "WEBHOOK_BACKOFF_S", 1)),
+        webhook_timeout_s=_float("webhook_timeout_s", env.get(ENV_PREFIX + "WEBHOOK_TIMEOUT_S", 5)),
+        drift_retention_s=_float("drift_retention_s", env.get(ENV_PREFIX + "DRIFT_RETENTION_S", 7 * 86400)),
+        drift_record_interval_s=_float("drift_record_interval_s", env.get(ENV_PREFIX + "DRIFT_RECORD_INTERVAL_S", 300)),
     )
     settings.sqlite_path  # noqa: B018 - validates the URL scheme early
     return settings, created

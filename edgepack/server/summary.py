@@ -6,6 +6,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from .monitoring import staleness
 from .orchestration import Orchestrator
 from .rollout import FAILED
 from .settings import ServerSettings
@@ -26,10 +27,22 @@ def device_health(device: DeviceRecord, now: float, stale_after_s: float) -> str
     return "ok"
 
 
-def build_summary(settings: ServerSettings, storage: Storage, orchestrator: Orchestrator, clock: Callable[[], float]) -> dict[str, Any]:
+def _bundle_created(storage: Storage, digest: Any, cache: dict) -> Any:
+    """When the server received the bundle ``digest`` (None if unknown); memoized per summary."""
+    if not digest:
+        return None
+    if digest not in cache:
+        bundle = storage.get_bundle_by_digest(digest)
+        cache[digest] = bundle.created_at if bundle is not None else None
+    return cache[digest]
+
+
+def build_summary(settings: ServerSettings, storage: Storage, orchestrator: Orchestrator, clock: Callable[[], float],
+                  monitor: Any = None) -> dict[str, Any]:
     now = clock()
     devices = storage.list_devices()
     versions: dict[tuple, dict[str, Any]] = {}
+    created: dict[str, Any] = {}
     device_rows = []
     for d in devices:
         cur = d.current or {}
@@ -38,6 +51,7 @@ def build_summary(settings: ServerSettings, storage: Storage, orchestrator: Orch
             "id": d.id, "group": d.group, "tags": d.tags, "profile": d.profile, "name": cur.get("name"),
             "version": cur.get("version"), "digest": cur.get("digest"), "state": d.state, "last_seen": d.last_seen,
             "health": device_health(d, now, settings.stale_after_s), "metrics": health,
+            **staleness(now, _bundle_created(storage, cur.get("digest"), created), d.last_seen),
         })
         if d.current:
             key = (cur.get("name"), cur.get("version"), cur.get("digest"))
@@ -62,7 +76,10 @@ def build_summary(settings: ServerSettings, storage: Storage, orchestrator: Orch
         view = orchestrator.view(r, with_members=False)
         view["failures"] = rollout_failures(storage, r.id)
         rollouts.append(view)
-    return {"generated_at": now, "rollouts": rollouts, "devices": device_rows, "versions": version_rows}
+    out = {"generated_at": now, "rollouts": rollouts, "devices": device_rows, "versions": version_rows}
+    if monitor is not None:  # drift per group/version/feature, prediction distributions, open alerts
+        out["monitoring"] = monitor.dashboard()
+    return out
 
 
 def rollout_failures(storage: Storage, rollout_id: str) -> list[dict[str, Any]]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange, Storage, TokenOwner
+from .base import AlertRecord, BundleRecord, DriftStat, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange, Storage, TokenOwner
 
 __all__ = [
-    "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
     "TokenOwner", "open_storage",
 ]
 

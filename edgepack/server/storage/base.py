@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
 __all__ = [
-    "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
     "TokenOwner",
 ]
 
@@ -82,6 +82,7 @@ class RolloutRecord:
     updated_at: float
     halt_reasons: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    gates: dict[str, Any] = field(default_factory=dict)  # ML gates (schemas.RolloutGates), {} for none
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,42 @@ class EventRecord:
     reason_detail: Optional[str]
     at: Optional[float]
     received_at: float
+
+
+@dataclass(frozen=True)
+class DriftStat:
+    """One monitoring evaluation of (group, bundle) for one signal (``kind``: input_drift,
+    prediction_drift, accuracy, shadow_agreement, staleness) and ``feature`` ("" when none)."""
+    group: str
+    digest: str
+    version: Optional[str]
+    kind: str
+    feature: str
+    at: float
+    value: Optional[float]
+    p_value: Optional[float]
+    n: int
+    drifted: bool
+    detail: Optional[dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """An alert, de-duplicated per (kind, group, version, feature) while ``status`` is ``open``."""
+    id: str
+    kind: str
+    group: str
+    version: str
+    feature: str
+    digest: Optional[str]
+    status: str  # open | resolved
+    message: str
+    value: Optional[float]
+    threshold: Optional[float]
+    first_at: float
+    last_at: float
+    count: int
+    detail: Optional[dict[str, Any]] = None
 
 
 @runtime_checkable
@@ -158,4 +195,18 @@ class Storage(Protocol):
     # events
     def add_events(self, events: list[EventRecord]) -> None: ...
     def list_events(self, device_id: Optional[str] = None, rollout_id: Optional[str] = None, limit: int = 100) -> list[EventRecord]: ...
+
+    # fleet monitoring: reference statistics per bundle, drift evaluations, alerts
+    def set_reference(self, digest: str, reference: dict[str, Any], at: float) -> None: ...
+    def get_reference(self, digest: str) -> Optional[dict[str, Any]]: ...
+    def add_drift_stats(self, rows: list[DriftStat]) -> None: ...
+    def list_drift_stats(self, group: Optional[str] = None, version: Optional[str] = None, since: Optional[float] = None,
+                         limit: int = 1000) -> list[DriftStat]:
+        """Newest first."""
+    def prune_drift_stats(self, before: float) -> int: ...
+    def save_alert(self, alert: AlertRecord) -> None:
+        """Insert or replace by id."""
+    def open_alert(self, kind: str, group: str, version: str, feature: str) -> Optional[AlertRecord]: ...
+    def list_alerts(self, status: Optional[str] = None, group: Optional[str] = None, limit: int = 200) -> list[AlertRecord]:
+        """Most recently updated first."""
 

@@ -55,6 +55,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (device_id, seq))""",
         "CREATE INDEX events_rollout ON events (rollout_id)",
     )),
+    Migration(2, "fleet monitoring: references, drift statistics, alerts, rollout ML gates", (
+        "ALTER TABLE rollouts ADD COLUMN gates TEXT NOT NULL DEFAULT '{}'",
+        """CREATE TABLE bundle_references (
+            digest TEXT PRIMARY KEY, reference TEXT NOT NULL, created_at REAL NOT NULL)""",
+        """CREATE TABLE drift_stats (
+            grp TEXT NOT NULL, digest TEXT NOT NULL, version TEXT, kind TEXT NOT NULL, feature TEXT NOT NULL,
+            at REAL NOT NULL, value REAL, p_value REAL, n INTEGER NOT NULL, drifted INTEGER NOT NULL, detail TEXT)""",
+        "CREATE INDEX drift_stats_key ON drift_stats (grp, version, at)",
+        "CREATE INDEX drift_stats_at ON drift_stats (at)",
+        """CREATE TABLE alerts (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, grp TEXT NOT NULL, version TEXT NOT NULL, feature TEXT NOT NULL,
+            digest TEXT, status TEXT NOT NULL, message TEXT NOT NULL, value REAL, threshold REAL,
+            first_at REAL NOT NULL, last_at REAL NOT NULL, count INTEGER NOT NULL, detail TEXT)""",
+        "CREATE INDEX alerts_key ON alerts (kind, grp, version, feature, status)",
+    )),
 )
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import ServerError
-from .base import BundleRecord, DeviceRecord, EventRecord, MemberRecord, RolloutRecord, StageChange, TokenOwner
+from .base import AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, RolloutRecord, StageChange, TokenOwner
 from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStorage"]
@@ -322,21 +322,21 @@ class SqliteStorage:
     # ------------------------------------------------------------------ rollouts
 
     _ROLLOUT_COLS = ("id, bundle_id, grp, steps, soak_seconds, min_devices_succeeded, max_failure_rate, halt_min_count, "
-                     "probation, status, step_index, step_started_at, created_at, updated_at, halt_reasons, history")
+                     "probation, status, step_index, step_started_at, created_at, updated_at, halt_reasons, history, gates")
 
     @staticmethod
     def _rollout(r: tuple) -> RolloutRecord:
         return RolloutRecord(r[0], r[1], r[2], _u(r[3]), r[4], r[5], r[6], r[7], _u(r[8]), r[9], r[10], r[11], r[12],
-                             r[13], _u(r[14]), _u(r[15]))
+                             r[13], _u(r[14]), _u(r[15]), _u(r[16]) or {})
 
     @staticmethod
     def _rollout_params(x: RolloutRecord) -> tuple:
         return (x.id, x.bundle_id, x.group, _j(x.steps), x.soak_seconds, x.min_devices_succeeded, x.max_failure_rate,
                 x.halt_min_count, _j(x.probation), x.status, x.step_index, x.step_started_at, x.created_at, x.updated_at,
-                _j(x.halt_reasons), _j(x.history))
+                _j(x.halt_reasons), _j(x.history), _j(x.gates or {}))
 
     def add_rollout(self, rollout: RolloutRecord) -> None:
-        self._x(f"INSERT INTO rollouts ({self._ROLLOUT_COLS}) VALUES ({', '.join('?' * 16)})", self._rollout_params(rollout))
+        self._x(f"INSERT INTO rollouts ({self._ROLLOUT_COLS}) VALUES ({', '.join('?' * 17)})", self._rollout_params(rollout))
 
     def save_rollout(self, rollout: RolloutRecord) -> None:
         cols = [c.strip() for c in self._ROLLOUT_COLS.split(",")][1:]
@@ -443,3 +443,68 @@ class SqliteStorage:
         rows = self._q(f"SELECT {self._EVENT_COLS} FROM events {clause} ORDER BY received_at DESC, seq DESC LIMIT ?",
                        (*params, int(limit)))
         return [EventRecord(*r) for r in rows]
+
+    # --------------------------------------------------------------- monitoring
+
+    def set_reference(self, digest: str, reference: dict[str, Any], at: float) -> None:
+        self._x("INSERT OR REPLACE INTO bundle_references (digest, reference, created_at) VALUES (?, ?, ?)",
+                (digest, _j(reference), at))
+
+    def get_reference(self, digest: str) -> Optional[dict[str, Any]]:
+        rows = self._q("SELECT reference FROM bundle_references WHERE digest = ?", (digest,))
+        return _u(rows[0][0]) if rows else None
+
+    _DRIFT_COLS = "grp, digest, version, kind, feature, at, value, p_value, n, drifted, detail"
+
+    def add_drift_stats(self, rows: list[DriftStat]) -> None:
+        if not rows:
+            return
+        with self.transaction():
+            self._conn.executemany(
+                f"INSERT INTO drift_stats ({self._DRIFT_COLS}) VALUES ({', '.join('?' * 11)})",
+                [(d.group, d.digest, d.version, d.kind, d.feature, d.at, d.value, d.p_value, d.n, int(d.drifted),
+                  _j(d.detail)) for d in rows])
+            self._durable = True
+
+    def list_drift_stats(self, group: Optional[str] = None, version: Optional[str] = None, since: Optional[float] = None,
+                         limit: int = 1000) -> list[DriftStat]:
+        where, params = [], []
+        for col, value in (("grp = ?", group), ("version = ?", version), ("at >= ?", since)):
+            if value is not None:
+                where.append(col)
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._q(f"SELECT {self._DRIFT_COLS} FROM drift_stats {clause} ORDER BY at DESC, rowid DESC LIMIT ?",
+                       (*params, int(limit)))
+        return [DriftStat(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), _u(r[10])) for r in rows]
+
+    def prune_drift_stats(self, before: float) -> int:
+        return self._x("DELETE FROM drift_stats WHERE at < ?", (before,))
+
+    _ALERT_COLS = "id, kind, grp, version, feature, digest, status, message, value, threshold, first_at, last_at, count, detail"
+
+    @staticmethod
+    def _alert(r: tuple) -> AlertRecord:
+        return AlertRecord(*r[:13], _u(r[13]))
+
+    def save_alert(self, alert: AlertRecord) -> None:
+        a = alert
+        self._x(f"INSERT OR REPLACE INTO alerts ({self._ALERT_COLS}) VALUES ({', '.join('?' * 14)})",
+                (a.id, a.kind, a.group, a.version, a.feature, a.digest, a.status, a.message, a.value, a.threshold,
+                 a.first_at, a.last_at, a.count, _j(a.detail)))
+
+    def open_alert(self, kind: str, group: str, version: str, feature: str) -> Optional[AlertRecord]:
+        rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts WHERE kind = ? AND grp = ? AND version = ? AND feature = ? "
+                       "AND status = 'open' ORDER BY first_at DESC LIMIT 1", (kind, group, version, feature))
+        return self._alert(rows[0]) if rows else None
+
+    def list_alerts(self, status: Optional[str] = None, group: Optional[str] = None, limit: int = 200) -> list[AlertRecord]:
+        where, params = [], []
+        for col, value in (("status = ?", status), ("grp = ?", group)):
+            if value is not None:
+                where.append(col)
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts {clause} ORDER BY last_at DESC, id LIMIT ?",
+                       (*params, int(limit)))
+        return [self._alert(r) for r in rows]
