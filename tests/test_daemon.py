@@ -31,6 +31,7 @@ from edgepack_runtime import predlog
 from edgepack_runtime.bundle import load_public_key
 from edgepack_runtime.cache import CacheConfig
 from edgepack_runtime.model import RuntimeConfig, install, load
+from net import UnixHTTPConnection, free_port
 
 X = np.array([[0, 255, 10, 20], [1, 2, 3, 4], [200, 100, 50, 25]], np.uint8)
 LOG_CAP_MB = 0.03
@@ -40,24 +41,8 @@ BODY_CAP = 64 * 1024
 # ------------------------------------------------------------------ clients
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over the daemon's Unix socket."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bundles import keys, make_bundle, raw_classifier
+from net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,10 +37,6 @@ WIDTH, HEIGHT = 1400, 1000
 # ------------------------------------------------------------------ server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -49,7 +45,7 @@ def live_server(tmp_path):
     priv, pub = keys(tmp_path)
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

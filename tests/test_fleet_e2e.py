@@ -50,6 +50,7 @@ from onnx import helper, numpy_helper
 
 from edgepack.server import rollout as logic
 from edgepack.server.rollout import cohort_position
+from net import UnixHTTPConnection, free_port
 
 ADMIN = "admin-token-0123456789abcdef-fleet"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -119,10 +120,6 @@ def kit(tmp_path_factory):
 # ------------------------------------------------------------------ plumbing
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, predicate: Callable[[], object], timeout: float, interval: float = 0.1):
@@ -139,16 +136,6 @@ def wait_for(what: str, predicate: Callable[[], object], timeout: float, interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
 
 
 def unix_json(path: str, method: str, target: str, payload=None, conn: Optional[UnixHTTPConnection] = None):

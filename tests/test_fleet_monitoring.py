@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.build.stats import reference_stats, stats_json
 from edgepack.bundle import write_bundle
+from net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -106,10 +106,6 @@ def load_on_device(bundle: Path, pub: Path, cache: Path):
 # ------------------------------------------------------------------ server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -117,7 +113,7 @@ def live_server(tmp_path):
     priv, pub = keys(tmp_path)
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     env = {**os.environ, "EDGEPACK_SERVER_TICK_INTERVAL_S": "0.2", "EDGEPACK_SERVER_MONITOR_WINDOW_S": "120",
            "EDGEPACK_SERVER_DEVICE_RATE_LIMIT": "0", "EDGEPACK_SERVER_POLL_INTERVAL_S": "1", "EDGEPACK_SERVER_DRIFT_RECORD_INTERVAL_S": "0.001"}

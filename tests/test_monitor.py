@@ -13,7 +13,6 @@ import http.client
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from edgepack_runtime.monitor import (
 
 from edgepack.build.stats import reference_stats, stats_json
 from edgepack.bundle import write_bundle
+from net import free_port
 
 DEVICE, TOKEN = "dev-m", "token-m"
 SUMMARY_KEYS = {"version", "digest", "variant", "window", "inputs", "outputs", "latency_ms", "errors", "rejects", "shadow", "labels"}
@@ -282,15 +282,11 @@ class CheckinServer:
         self.httpd.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def serve(cache: Path, work: Path, *extra: str):
-    port = _free_port()
+    port = free_port()
     err = work / "daemon.err"
     cmd = [sys.executable, "-m", "edgepack_runtime.cli", "serve", "--cache", str(cache), "--socket", str(work / "d.sock"),
            "--http", f"127.0.0.1:{port}", *extra]

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from edgepack.server.delta import apply_delta
 from edgepack.server.rollout import cohort_position
 from edgepack.server.settings import ServerSettings
 from edgepack.server.storage import open_storage
+from net import free_port
 
 ADMIN = "admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -479,10 +479,6 @@ def test_migrate_command(tmp_path):
 # ------------------------------------------------------- the real server process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_command() -> list[str]:
@@ -514,7 +510,7 @@ def _start(data: Path, port: int, pub: Path, token_file: Path) -> subprocess.Pop
 
 
 def test_real_server_survives_sigkill_mid_rollout(tmp_path, kit):
-    data, port = tmp_path / "data", _free_port()
+    data, port = tmp_path / "data", free_port()
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
     proc = _start(data, port, kit["pub"], token_file)
