@@ -17,7 +17,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bundles import keys, make_bundle, raw_classifier
-from net import free_port
+from net import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,35 +44,8 @@ def live_server(tmp_path):
     priv, pub = keys(tmp_path)
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgepack", "server", "run", "--data", str(tmp_path / "data"), "--host", "127.0.0.1",
-             "--port", str(port), "--trusted-key", str(pub), "--admin-token-file", str(token_file)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited at start:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the server did not start within 20 s:\n{log_path.read_text()}"
-            time.sleep(0.1)
+    with running_server(tmp_path, pub, token_file, None) as (base, log_path):
         yield base, priv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 # ------------------------------------------------------------------ fleet
