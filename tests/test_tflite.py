@@ -252,6 +252,42 @@ def test_photos_tflite_agrees_with_onnx_per_output(photos_converted, precision):
     assert set(report.to_dict()["outputs"]) == {"scores", "top_k_indices", "top_k_scores"}
 
 
+def _photo_frames(height: int, width: int, count: int = 6) -> np.ndarray:
+    """Real-content raw frames of another size: windows of a mosaic of validation frames."""
+    raw = npz(PHOTOS / "val.npz")["raw"]
+    rows = [np.concatenate(list(raw[r * 6:(r + 1) * 6]), axis=1) for r in range(6)]
+    mosaic = np.concatenate(rows, axis=0)  # 234 x 312
+    step_y, step_x = (mosaic.shape[0] - height) // count, (mosaic.shape[1] - width) // count
+    return np.stack([mosaic[i * step_y:i * step_y + height, i * step_x:i * step_x + width] for i in range(count)])
+
+
+@needs_tflite
+@needs_litert
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_photos_tflite_accepts_other_raw_sizes_like_onnx(photos_converted, precision, tmp_path):
+    """resize_shorter/center_crop run as TF ops: the TFLite raw schema is the ONNX one (any size in range)."""
+    from edgepack_runtime.engines import load_session
+
+    from edgepack.convert import validate_tflite
+    from edgepack.convert.tflite import LiteRTSession
+    from edgepack.optimize.evaluate import session
+
+    model, result, _, _ = photos_converted
+    (signature,) = [list(i.shape) for i in LiteRTSession(result.models[precision]).get_inputs()]
+    assert signature == [1, None, None, 3]
+    path = tmp_path / "model.tflite"
+    path.write_bytes(result.models[precision])
+    device = load_session("litert", path)
+    onnx_session = session(model.SerializeToString(), 1)
+    for height, width in ((48, 64), (120, 90), (33, 200)):
+        frames = _photo_frames(height, width)
+        report = validate_tflite(model, result.models[precision], {"image": frames}, None, precision)
+        assert report.passed and report.agreement == 1.0, (height, width, report.to_dict())
+        (scores, *_) = device.run({"image": frames})
+        (expected, *_) = onnx_session.run(None, {"image": frames})
+        assert scores.shape == (len(frames), 6) and (scores.argmax(1) == expected.argmax(1)).all()
+
+
 def _tiny_model_with_bad_names() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "conv@w:0")

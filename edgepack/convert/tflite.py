@@ -15,7 +15,13 @@ Guarantees:
   (``keep_shape_absolutely_input_names``): the embedded preprocessing already starts
   from raw NHWC pixels and absorbs the NCHW model layout, so a device feeds the same
   raw array to an ONNX and a TFLite variant. Input and output tensor names (and the
-  signature's names) are set to the ONNX names.
+  signature's names) are set to the ONNX names. Image preprocessing whose resize/crop
+  depend on the raw size (``resize_shorter``, or any resize/crop with a raw size range)
+  is not converted by onnx2tf, which mistranslates that dynamic arithmetic and would
+  fix the raw size: the TFLite graph is that preprocessing rebuilt with TensorFlow ops
+  from the same :class:`~edgepack.preprocess.ImagePreprocess` (:func:`tf_image_preprocess`)
+  followed by the onnx2tf-converted model body, with input ``[1, -1, -1, C]`` uint8, so
+  it takes every raw size the ONNX variant takes (validated on extra raw sizes too).
 * **Names TensorFlow rejects** (``@``, ``:`` …) are rewritten before conversion
   (:func:`sanitize_names`); the TFLite file still carries the original I/O names.
 * **Validation.** :func:`validate_tflite` runs the TFLite model with the LiteRT
@@ -340,7 +346,8 @@ def _representative(calibration: Mapping[str, np.ndarray], names: list[str]):
     return generate
 
 
-def _int8(converter_factory, calibration: Mapping[str, np.ndarray], names: list[str], notes: list[str]) -> bytes:
+def _int8(converter_factory, calibration: Mapping[str, np.ndarray], names: list[str], notes: list[str],
+          representative=None) -> bytes:
     """Full-integer quantization calibrated on the user's data; float I/O kept (same raw schema)."""
     import tensorflow as tf
 
@@ -352,7 +359,7 @@ def _int8(converter_factory, calibration: Mapping[str, np.ndarray], names: list[
                        "int8: some ops have no integer kernel and stayed float")):
         converter = converter_factory()
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = _representative(calibration, names)
+        converter.representative_dataset = representative or _representative(calibration, names)
         converter.target_spec.supported_ops = ops
         try:
             result = converter.convert()
@@ -389,6 +396,9 @@ def convert_onnx_to_tflite(model, precisions=TFLITE_PRECISIONS, calibration: Map
     calibration = {k: np.asarray(v) for k, v in (calibration or {}).items()}
     in_names = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
     out_names = [v.name for v in model.graph.output]
+    split = _size_dependent_image_split(model, in_names)
+    if split is not None:
+        return _convert_image_split(model, split[0], split[1], precisions, calibration, in_names, out_names, progress)
     clean, renamed = sanitize_names(model)
     clean_calib = {renamed.get(k, k): v for k, v in calibration.items()}
     _static_inputs(clean, clean_calib)
@@ -396,7 +406,6 @@ def convert_onnx_to_tflite(model, precisions=TFLITE_PRECISIONS, calibration: Map
     clean = _fold_static(clean)
     notes = [f"renamed {len(renamed)} tensor name(s) TensorFlow rejects (e.g. {next(iter(renamed))!r})"] if renamed else []
 
-    import onnx2tf
     import tensorflow as tf
 
     from ..optimize.evaluate import session
@@ -408,30 +417,7 @@ def convert_onnx_to_tflite(model, precisions=TFLITE_PRECISIONS, calibration: Map
     models: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmp:
         work = Path(tmp)
-        src = work / "model.onnx"
-        onnx.save(clean, str(src))
-        _sample_image_file(clean_calib, work)
-        saved = work / "saved_model"
-        progress("Converting to TensorFlow (onnx2tf)")
-        chatter = io.StringIO()
-        with _working_dir(work), _onnx2tf_numpy2_shims(), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # onnx2tf's own checks use the deprecated tf.lite.Interpreter
-            try:
-                onnx2tf.convert(
-                    input_onnx_file_path=str(src),
-                    output_folder_path=str(saved),
-                    keep_shape_absolutely_input_names=clean_in,
-                    # A signature export (tf_keras ExportArchive) instead of a Keras SavedModel:
-                    # the latter JSON-encodes every constant and takes minutes on large models.
-                    output_signaturedefs=True,
-                    non_verbose=True,
-                    verbosity="error",
-                )
-            except SystemExit as exc:  # onnx2tf calls sys.exit on unsupported graphs
-                tail = " | ".join(line.strip() for line in chatter.getvalue().splitlines()[-5:] if line.strip())
-                raise OptimizationError(f"onnx2tf could not convert the model (exit {exc.code}): {tail[-600:]}") from None
-            except Exception as exc:  # noqa: BLE001
-                raise OptimizationError(f"onnx2tf could not convert the model: {str(exc).splitlines()[0][:300]}") from exc
+        saved = _onnx2tf_saved_model(clean, clean_in, clean_calib, work, progress)
         files = {"fp32": saved / "model_float32.tflite", "fp16": saved / "model_float16.tflite"}
         for precision in precisions:
             progress(f"Writing TFLite {precision}")
@@ -444,6 +430,198 @@ def convert_onnx_to_tflite(model, precisions=TFLITE_PRECISIONS, calibration: Map
             order = _output_order(data, reference, sample) if len(out_names) > 1 and sample else None
             models[precision] = _set_io_names(data, in_names, out_names, order)
     return ConversionResult(models, notes, renamed)
+
+
+# --------------------------------------------------------------------------- size-dependent image preprocessing
+
+
+def _size_dependent_image_split(model, in_names: list[str]):
+    """``(spec, tensor)`` when ``model`` embeds image preprocessing whose resize/crop depend on the raw size.
+
+    ``tensor`` is the output of the last spatial preprocessing node (crop, else resize):
+    NCHW pixels of a fixed size, the input of the model body. onnx2tf mistranslates the
+    dynamic resize/crop arithmetic in front of it (and fixing the raw size would accept
+    one frame size only), so these steps are rebuilt with TensorFlow ops instead.
+    None when the model has no such preprocessing (the plain onnx2tf path applies).
+    """
+    import json
+
+    from ..preprocess.graph import METADATA_PREPROCESS
+    from ..preprocess.reference import has_spatial_ops
+    from ..preprocess.spec import ImagePreprocess, preprocess_from_dict
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    if METADATA_PREPROCESS not in meta or len(in_names) != 1:
+        return None
+    try:
+        pre = preprocess_from_dict(json.loads(meta[METADATA_PREPROCESS]))
+        pre.validate()
+    except Exception:  # noqa: BLE001 - not edgepack's own embedding: plain path
+        return None
+    if not isinstance(pre, ImagePreprocess) or not has_spatial_ops(pre) or pre.static_output_size is None:
+        return None
+    if tuple(pre.min_size) == tuple(pre.max_size):
+        return None  # one raw size: the plain path fixes it and folds the arithmetic
+    from ..preprocess.graph import PREFIX
+
+    last = f"{PREFIX}/crop" if pre.center_crop is not None else f"{PREFIX}/resize"
+    node = next((n for n in model.graph.node if n.name == last), None)
+    if node is None or list(node.input[:1]) == [] or not node.output:
+        return None
+    return pre, node.output[0]
+
+
+def tf_image_preprocess(pre, raw, channels_last: bool = False):
+    """The spatial part of ``pre`` in TensorFlow ops: uint8 NHWC ``raw`` -> float32 NCHW (or NHWC) pixels.
+
+    Cast, color conversion, bilinear resize (half-pixel centers, no antialias: the ONNX
+    ``Resize`` the graph embeds), integer ``resize_shorter`` arithmetic as
+    :meth:`ImagePreprocess.resized_size`, center crop at ``(H - h) // 2``. Scale/mean/std
+    and the model layout stay in the model body (they may be folded into its first Conv).
+    """
+    import tensorflow as tf
+
+    from ..preprocess.reference import color_indices, color_matrix
+
+    x = tf.cast(raw, tf.float32)
+    if (matrix := color_matrix(pre)) is not None:
+        x = tf.reduce_sum(x * tf.constant(matrix.reshape(1, 1, 1, -1)), axis=3, keepdims=True)
+    elif (indices := color_indices(pre)) is not None:
+        x = tf.gather(x, list(indices), axis=3)
+    if pre.resize is not None or pre.resize_shorter is not None:
+        if pre.resize is not None:
+            size = tf.constant(list(pre.resize), tf.int32)
+        else:
+            shape = tf.shape(x)
+            height, width = shape[1], shape[2]
+            shorter = tf.minimum(height, width)
+            size = tf.stack([height * pre.resize_shorter // shorter, width * pre.resize_shorter // shorter])
+        x = tf.image.resize(x, size, method="bilinear", antialias=False)
+    if pre.center_crop is not None:
+        crop_h, crop_w = pre.center_crop
+        shape = tf.shape(x)
+        top, left = (shape[1] - crop_h) // 2, (shape[2] - crop_w) // 2
+        x = tf.slice(x, tf.stack([0, top, left, 0]), [-1, crop_h, crop_w, -1])
+        x = tf.reshape(x, [-1, crop_h, crop_w, pre.model_channels])
+    elif pre.resize is not None:
+        x = tf.reshape(x, [-1, pre.resize[0], pre.resize[1], pre.model_channels])
+    return x if channels_last else tf.transpose(x, [0, 3, 1, 2])
+
+
+def _convert_image_split(model, pre, split: str, precisions, calibration: Mapping[str, np.ndarray], in_names: list[str],
+                         out_names: list[str], progress: Progress) -> ConversionResult:
+    """Raw-size-independent TFLite: TensorFlow preprocessing from ``pre``, then the onnx2tf-converted body."""
+    import onnx
+    import onnx.utils
+    import tensorflow as tf
+
+    from ..optimize.evaluate import session
+
+    progress("Splitting the embedded preprocessing from the model body")
+    height, width = pre.static_output_size
+    annotated = onnx.ModelProto.FromString(model.SerializeToString())
+    kept = [v for v in annotated.graph.value_info if v.name != split]
+    del annotated.graph.value_info[:]
+    annotated.graph.value_info.extend(kept)
+    annotated.graph.value_info.append(onnx.helper.make_tensor_value_info(
+        split, onnx.TensorProto.FLOAT, [1, pre.model_channels, height, width]))
+    try:
+        body = onnx.utils.Extractor(annotated).extract_model([split], out_names)
+    except Exception as exc:
+        raise OptimizationError(f"Cannot split the model at the preprocessing output {split!r}: {exc}") from exc
+    body_input = body.graph.input[0]
+    body_input.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    dims = body_input.type.tensor_type.shape
+    dims.Clear()
+    for size in (1, pre.model_channels, height, width):
+        dims.dim.add().dim_value = size
+    del body.graph.value_info[:]
+    clean, renamed = sanitize_names(body)
+    clean_in = [renamed.get(split, split)]
+    clean = _fold_static(clean)
+    notes = [(f"{in_names[0]}: resize/crop preprocessing built with TensorFlow ops (any raw size from "
+              f"{pre.min_size[0]}x{pre.min_size[1]} to {pre.max_size[0]}x{pre.max_size[1]})")]
+    raw_calib = calibration.get(in_names[0])
+    reference = session(model.SerializeToString(), 1)
+    sample = {in_names[0]: np.ascontiguousarray(raw_calib[:1])} if raw_calib is not None and len(raw_calib) else {}
+    models: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmp:
+        # The body's NCHW pixel input may become NHWC (onnx2tf's default): no transposes at the seam.
+        saved = _onnx2tf_saved_model(clean, clean_in, calibration, Path(tmp), progress, keep_shape=False)
+        loaded = tf.saved_model.load(str(saved))
+        body_fn = loaded.signatures["serving_default"]
+        ((body_key, body_spec),) = body_fn.structured_input_signature[1].items()
+        out_keys = sorted(body_fn.structured_outputs)
+        channels_last = list(body_spec.shape) == [1, height, width, pre.model_channels]
+        if not channels_last and list(body_spec.shape) != [1, pre.model_channels, height, width]:
+            raise OptimizationError(f"onnx2tf gave the model body the input shape {list(body_spec.shape)}, "
+                                    f"expected [1, {pre.model_channels}, {height}, {width}] or its NHWC form.")
+
+        @tf.function(input_signature=[tf.TensorSpec([1, None, None, pre.raw_channels], tf.uint8, name="raw")])
+        def serve(raw):
+            pixels = tf_image_preprocess(pre, raw, channels_last)
+            result = body_fn(**{body_key: pixels})
+            return [result[k] for k in out_keys]
+
+        concrete = serve.get_concrete_function()
+
+        def factory():
+            return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)
+
+        def representative():
+            count = min(len(raw_calib), MAX_CALIBRATION_SAMPLES)
+            for i in range(count):
+                yield [np.ascontiguousarray(raw_calib[i:i + 1])]
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            for precision in precisions:
+                progress(f"Writing TFLite {precision}")
+                if precision == "int8":
+                    if raw_calib is None or not len(raw_calib):
+                        raise ConfigError("int8 TFLite conversion needs calibration data (--calibration).")
+                    data = _int8(factory, calibration, in_names, notes, representative)
+                else:
+                    converter = factory()
+                    if precision == "fp16":
+                        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                        converter.target_spec.supported_types = [tf.float16]
+                    data = converter.convert()
+                order = _output_order(data, reference, sample) if len(out_names) > 1 and sample else None
+                models[precision] = _set_io_names(data, in_names, out_names, order)
+    return ConversionResult(models, notes, renamed)
+
+
+def _onnx2tf_saved_model(clean, clean_in: list[str], sample_calib: Mapping[str, np.ndarray], work: Path,
+                         progress: Progress, keep_shape: bool = True) -> Path:
+    """Run onnx2tf on ``clean`` (sanitized, static inputs) in ``work``; the SavedModel folder it wrote."""
+    import onnx
+    import onnx2tf
+
+    src = work / "model.onnx"
+    onnx.save(clean, str(src))
+    _sample_image_file(sample_calib, work)
+    saved = work / "saved_model"
+    progress("Converting to TensorFlow (onnx2tf)")
+    chatter = io.StringIO()
+    with _working_dir(work), _onnx2tf_numpy2_shims(), contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx2tf's own checks use the deprecated tf.lite.Interpreter
+        try:
+            onnx2tf.convert(
+                input_onnx_file_path=str(src),
+                output_folder_path=str(saved),
+                keep_shape_absolutely_input_names=clean_in if keep_shape else None,
+                # A signature export (tf_keras ExportArchive) instead of a Keras SavedModel:
+                # the latter JSON-encodes every constant and takes minutes on large models.
+                output_signaturedefs=True,
+                non_verbose=True,
+                verbosity="error",
+            )
+        except SystemExit as exc:  # onnx2tf calls sys.exit on unsupported graphs
+            tail = " | ".join(line.strip() for line in chatter.getvalue().splitlines()[-5:] if line.strip())
+            raise OptimizationError(f"onnx2tf could not convert the model (exit {exc.code}): {tail[-600:]}") from None
+        except Exception as exc:
+            raise OptimizationError(f"onnx2tf could not convert the model: {str(exc).splitlines()[0][:300]}") from exc
+    return saved
 
 
 def load_keras(path: str | Path):
@@ -614,6 +792,8 @@ class TFLiteValidation:
     accuracy: float | None
     reference_accuracy: float | None
     agreement: float | None
+    #: For raw-size-independent image models, per other raw size (``"HxW"``): max abs error and top-1 agreement.
+    raw_sizes: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -634,6 +814,7 @@ class TFLiteValidation:
             "accuracy": self.accuracy, "reference_accuracy": self.reference_accuracy,
             "outputs": {o.name: {"max_abs_error": o.max_abs_error, "tolerance": o.tolerance, "agreement": o.agreement,
                                  "min_agreement": o.min_agreement, "passed": o.passed} for o in self.outputs},
+            **({"raw_sizes": {k: dict(v) for k, v in self.raw_sizes.items()}} if self.raw_sizes else {}),
         }
 
 
@@ -804,5 +985,45 @@ def build_tflite_variants(onnx_bytes: bytes, variants, calibration, validation, 
         except GateError as exc:
             # No .report here: the build CLI renders only its own build reports.
             raise GateError(f"The build failed its gates; no bundle was written:\n  - {variant}: {exc}") from None
+        for size, frames in _other_size_frames(onnx_bytes, val).items():
+            # Resampled frames carry no labels and many near-ties: the gate here is the error
+            # tolerance (and shape); top-1 agreement is recorded, not enforced.
+            extra = validate_tflite(onnx_bytes, result.models[precision], frames, None, precision, raise_on_failure=False)
+            bad = next((o for o in extra.outputs if not o.shape_ok or o.max_abs_error > o.tolerance), None)
+            if bad is not None:
+                raise GateError(f"The build failed its gates; no bundle was written:\n  - {variant}: on {extra.samples} "
+                                f"raw {size} frames the TFLite {precision} model diverges from the ONNX model; first "
+                                f"diverging {bad.describe()}. Refusing this variant.")
+            report.raw_sizes[size] = {"max_abs_error": extra.max_abs_error, "agreement": extra.agreement}
         out[variant] = (result.models[precision], report, list(result.notes))
+    return out
+
+
+#: Raw (height, width) sizes besides the data's own that a raw-size-independent image
+#: variant is also validated on (clamped to the spec's min_size/max_size).
+OTHER_RAW_SIZES = ((48, 64), (120, 90), (33, 200))
+
+
+def _other_size_frames(onnx_bytes: bytes, val: Mapping[str, np.ndarray], count: int = 16) -> dict[str, dict[str, np.ndarray]]:
+    """Validation frames resampled (nearest) to :data:`OTHER_RAW_SIZES`, when the model's resize/crop
+    preprocessing makes it accept any raw size; empty otherwise."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(bytes(onnx_bytes))
+    in_names = [v.name for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
+    split = _size_dependent_image_split(model, in_names)
+    if split is None or in_names[0] not in val:
+        return {}
+    pre, raw = split[0], np.asarray(val[in_names[0]])[:count]
+    if raw.ndim != 4 or not len(raw):
+        return {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for height, width in OTHER_RAW_SIZES:
+        height = min(max(height, pre.min_size[0]), pre.max_size[0])
+        width = min(max(width, pre.min_size[1]), pre.max_size[1])
+        if (height, width) == tuple(raw.shape[1:3]):
+            continue
+        rows = (np.arange(height) * raw.shape[1]) // height
+        cols = (np.arange(width) * raw.shape[2]) // width
+        out[f"{height}x{width}"] = {in_names[0]: np.ascontiguousarray(raw[:, rows][:, :, cols])}
     return out
