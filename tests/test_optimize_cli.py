@@ -375,3 +375,20 @@ def test_version_and_fast_help(cli):
     assert code == 0 and out.strip() == "edgepack 0.1.0"
     code, out, _ = cli("optimize", "--help")
     assert code == 0 and "--quantize" in out
+
+
+def test_validation_data_the_model_rejects_is_a_clear_data_error(cli, tmp_path):
+    # Right shape and dtype, but an index input out of range: onnxruntime fails at run time.
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0, name="gather")], "g",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [table],
+    )
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "gather.onnx")
+    np.save(tmp_path / "val.npy", np.array([0, 1, 99], np.int64))
+    line = assert_clean_error(*cli("optimize", src, "-o", tmp_path / "o.onnx", "--validation", tmp_path / "val.npy"))
+    assert "does not run through the original model" in line
+    assert not (tmp_path / "o.onnx").exists()

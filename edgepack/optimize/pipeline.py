@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 
 from .._atomic import atomic_write_bytes
 from ..data import Dataset, open_dataset, random_dataset
-from ..errors import ConfigError, GateError, ModelError, NotQuantizableError, OptimizationError
+from ..errors import ConfigError, DataError, GateError, ModelError, NotQuantizableError, OptimizationError
 from ..modelio import graph_inputs, load_model, runtime_load_error
 from . import gate as gates
 from .evaluate import Latency, Numerics, batch_size_for, compare, measure_latency, session
@@ -212,9 +211,15 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         reference = session(original_bytes, config.threads)
     except Exception as exc:  # noqa: BLE001
         raise runtime_load_error(exc, str(config.model)) from exc
-    if evaluation is not None and config.validation is None and calibration is None \
-            and not _runs_on(reference, evaluation, batch, batch_size_for(inputs, 1), config):
-        evaluation = None  # random inputs the original itself rejects (shapes, index values) verify nothing
+    if evaluation is not None:
+        problem = _runs_on(reference, evaluation, batch, batch_size_for(inputs, 1), config)
+        if problem is not None and config.validation is None and calibration is None:
+            evaluation = None  # random inputs the original itself rejects (shapes, index values) verify nothing
+        elif problem is not None:
+            raise DataError(
+                f"The {eval_kind.split()[0]} data {evaluation.source} does not run through the original model "
+                f"({problem}); check that it holds valid inputs for {config.model}."
+            )
 
     with tempfile.TemporaryDirectory(prefix="edgepack-opt-") as tmp:
         work = Path(tmp)
@@ -223,9 +228,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             # Safety net: a rewrite that changes outputs is discarded, not shipped.
             check = _compare_or_none(reference, base_bytes, evaluation, batch, config)
             if check is not None and not check.close:
-                unoptimized = onnx.ModelProto()
-                unoptimized.ParseFromString(original_bytes)
-                base_bytes = unoptimized.SerializeToString()
+                base_bytes = original_bytes
                 graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
                                            f"optimized graph changed outputs (max abs error {check.max_abs_error:.3g}); kept the original graph")
         if evaluation is None:
@@ -324,14 +327,14 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         return report
 
 
-def _runs_on(reference, dataset: Dataset, batch: int, latency_batch: int, config: OptimizeConfig) -> bool:
-    """True when the original model runs every feed that measurement will give it."""
+def _runs_on(reference, dataset: Dataset, batch: int, latency_batch: int, config: OptimizeConfig) -> str | None:
+    """Why the original model cannot run every feed that measurement will give it (None: it can)."""
     try:
         compare(reference, reference, dataset, batch, config.eval_limit)
         reference.run(None, dataset.batch(0, latency_batch))
-    except Exception:  # noqa: BLE001 - any failure means the data cannot measure anything
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - any failure means the data cannot measure anything
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return None
 
 
 def _compare_or_none(reference, model_bytes: bytes, dataset: Dataset, batch: int, config: OptimizeConfig) -> Numerics | None:
