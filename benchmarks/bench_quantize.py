@@ -60,6 +60,8 @@ from edgepack.optimize.evaluate import batch_size_for, compare, measure_latency,
 from edgepack.optimize.graph import optimize_graph
 from edgepack.optimize.quantize import QuantOptions, quantize
 
+from _common import cpu_model, progress
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 MNV2_SCRIPT = ROOT / "examples" / "heavy" / "make_mobilenetv2.py"
@@ -77,9 +79,6 @@ VARIANTS = (
 _T0 = time.perf_counter()
 
 
-def progress(message: str) -> None:
-    """One timestamped progress line on stderr."""
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -101,13 +100,7 @@ def make_heavy(work: Path, seed: int = 0, calib: int = 32, val: int = 32) -> tup
 
 def machine_info(threads: int) -> dict:
     """CPU model, core counts and library versions of this host."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
-                cpu = value.strip()
-                break
+    cpu = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
