@@ -131,6 +131,32 @@ def check_opset(model: onnx.ModelProto, source: str) -> None:
         )
 
 
+def read_model_bytes(path: Path, what: str, *, limit: int = MAX_MODEL_BYTES) -> bytes:
+    """Read a whole model-like input file, refusing missing, empty and oversized ones.
+
+    Args:
+        path: The file.
+        what: What it is, for messages (``"Model file"``, ``"Weights file"``).
+        limit: Largest accepted size in bytes.
+
+    Raises:
+        ModelError: The file is missing, not a file, empty, too big or unreadable.
+    """
+    if not path.exists():
+        raise ModelError(f"{what} {path} does not exist; check the path.")
+    if not path.is_file():
+        raise ModelError(f"{what} {path} is not a file; give the path of the file itself.")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"{what} {path} is empty; save or export it again.")
+    if size > limit:
+        raise ModelError(f"{what} {path} is {size / 1e9:.1f} GB, above the {limit / 1e9:.1f} GB limit; this tool targets smaller models.")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"Cannot read {what.lower()} {path}: {exc.strerror or exc}.") from exc
+
+
 def load_model(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
     """Read an ONNX model file and make sure it is usable.
 
@@ -143,19 +169,7 @@ def load_model(path: str | Path, *, check: bool = True) -> onnx.ModelProto:
     """
     source = str(path)
     p = Path(path)
-    if not p.exists():
-        raise ModelError(f"Model file {source} does not exist; check the path.")
-    if not p.is_file():
-        raise ModelError(f"{source} is not a file; pass the path of an .onnx model file.")
-    size = p.stat().st_size
-    if size == 0:
-        raise ModelError(f"Model file {source} is empty; export the model again.")
-    if size > MAX_MODEL_BYTES:
-        raise ModelError(f"Model file {source} is {size / 1e9:.1f} GB, above the 2 GB limit for a single ONNX file.")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"Cannot read model file {source}: {exc.strerror}.") from exc
+    data = read_model_bytes(p, "Model file")
     return parse_model(data, source, base_dir=p.parent, check=check)
 
 

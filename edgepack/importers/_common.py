@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingExtraError, ModelError
-from ..modelio import MAX_MODEL_BYTES, runtime_load_error
+from ..modelio import read_model_bytes, runtime_load_error
 from .base import SourceFile
 
 
@@ -28,30 +28,8 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return type(exc).__name__
 
 
-def read_source_file(path: Path, what: str, *, limit: int = MAX_MODEL_BYTES) -> bytes:
-    """Read a whole input file, refusing missing, empty and oversized ones.
-
-    Args:
-        path: The file.
-        what: What it is, for messages (``"Model file"``, ``"Weights file"``).
-        limit: Largest accepted size in bytes.
-
-    Raises:
-        ModelError: The file is missing, not a file, empty, too big or unreadable.
-    """
-    if not path.exists():
-        raise ModelError(f"{what} {path} does not exist; check the path.")
-    if not path.is_file():
-        raise ModelError(f"{what} {path} is not a file; give the path of the file itself.")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelError(f"{what} {path} is empty; save or export it again.")
-    if size > limit:
-        raise ModelError(f"{what} {path} is {size / 1e9:.1f} GB, above the {limit / 1e9:.1f} GB limit; this tool targets smaller models.")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"Cannot read {what.lower()} {path}: {exc.strerror or exc}.") from exc
+# One reader for every model-like input file (shared with edgepack.modelio.load_model).
+read_source_file = read_model_bytes
 
 
 def source_file(role: str, path: Path, data: bytes | None = None) -> SourceFile:
