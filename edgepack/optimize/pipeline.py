@@ -18,7 +18,7 @@ from pathlib import Path
 from .._atomic import atomic_write_bytes
 from ..data import Dataset, open_dataset, random_dataset
 from ..errors import ConfigError, DataError, GateError, ModelError, NotQuantizableError, OptimizationError
-from ..modelio import graph_inputs, load_model, runtime_load_error
+from ..modelio import graph_inputs, parse_model, read_model_bytes, runtime_load_error
 from . import gate as gates
 from .evaluate import Latency, Numerics, batch_size_for, compare, measure_latency, session
 from .graph import GraphReport, optimize_graph
@@ -194,8 +194,8 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         GateError: The result missed the gate (nothing written).
     """
     progress("Loading model")
-    original = load_model(config.model)
-    original_bytes = config.model.read_bytes()
+    original_bytes = read_model_bytes(config.model, "Model file")  # read once: parsed here, run as-is below
+    original = parse_model(original_bytes, str(config.model), base_dir=config.model.parent)
     inputs = graph_inputs(original)
     if any(s.dtype is None for s in inputs):
         raise ModelError(f"{config.model} has non-tensor inputs; optimize supports tensor inputs only.")
