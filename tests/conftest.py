@@ -26,3 +26,15 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """The server's database URL, once per backend: a new SQLite file, then a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'edgepack.db'}"
+        return
+    from pg import fresh_schema
+
+    with fresh_schema() as url:
+        yield url

@@ -27,6 +27,7 @@ counts as a failure for the rollout and can halt it.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -188,10 +189,12 @@ class Proxy:
                     return
                 buf += chunk
             lines = buf.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-            method, path = lines[0].split(" ")[:2]
+            method, target = lines[0].split(" ")[:2]
+            path, _, query = target.partition("?")
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
             with self.lock:
-                self.log.append({"at": time.time(), "method": method, "path": path, "range": headers.get("range")})
+                self.log.append({"at": time.time(), "method": method, "path": path, "query": query,
+                                 "range": headers.get("range")})
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             upstream.sendall(buf)
 
@@ -225,9 +228,9 @@ class Proxy:
                     except OSError:
                         pass
 
-    def requests_for(self, path: str) -> List[dict]:
+    def requests_for(self, path: str, query_has: str = "") -> List[dict]:
         with self.lock:
-            return [entry for entry in self.log if entry["path"] == path]
+            return [entry for entry in self.log if entry["path"] == path and query_has in entry["query"]]
 
     def stop(self) -> None:
         self.stopped = True
@@ -323,36 +326,120 @@ def server_command() -> List[str]:
     return [sys.executable, "-m", "edgepack" if registered else "edgepack.cli.server_cmd", "server", "run"]
 
 
+class Stack:
+    """The server side: one SQLite-backed process (``sqlite-1``), or two PostgreSQL-backed replicas
+    sharing one data directory behind a real nginx that balances the API and serves bundle files
+    itself from signed URLs (``postgres-2-nginx``). Devices reach it through :class:`Proxy` (access
+    log, throttle); in the nginx topology downloads go through a second relay, another origin."""
+
+    def __init__(self, topology: str, tmp_path: Path, kit: dict) -> None:
+        self.topology, self.tmp_path, self.kit = topology, tmp_path, kit
+        self.data = tmp_path / "server-data"
+        self.token_file = tmp_path / "admin.token"
+        self.token_file.write_text(ADMIN + "\n")
+        self.env = {**os.environ, "EDGEPACK_SERVER_TICK_INTERVAL_S": "0.2", "EDGEPACK_SERVER_POLL_INTERVAL_S": "1",
+                    "EDGEPACK_SERVER_DEVICE_RATE_LIMIT": "0"}
+        self.ports: List[int] = []
+        self.procs: List[Optional[subprocess.Popen]] = []
+        self.logs: List[Path] = []
+        self._exit = contextlib.ExitStack()
+        self.proxy: Optional[Proxy] = None
+        self.download_proxy: Optional[Proxy] = None
+
+    @property
+    def nginx(self) -> bool:
+        return self.topology != "sqlite-1"
+
+    def start(self) -> str:
+        """Start everything; returns the admin base URL."""
+        if not self.nginx:
+            self.ports = [free_port()]
+            self.procs, self.logs = [None], [self.tmp_path / "server.log"]
+            self._start_replica(0)
+            self.proxy = self.download_proxy = Proxy(self.ports[0])
+            return f"http://127.0.0.1:{self.ports[0]}"
+        from nginx import running_nginx
+        from pg import fresh_schema
+
+        url = self._exit.enter_context(fresh_schema())
+        front = free_port()
+        self.proxy, self.download_proxy = Proxy(front), Proxy(front)
+        self.env.update(EDGEPACK_SERVER_DB_URL=url, EDGEPACK_SERVER_DOWNLOAD_BASE_URL=f"{self.download_proxy.url}/blobs",
+                        EDGEPACK_SERVER_DOWNLOAD_SECRET="e2e-replicas-share-one-download-secret-0123456789")
+        done = subprocess.run(server_command()[:-1] + ["migrate", "--data", str(self.data)], env=self.env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        self.ports = [free_port(), free_port()]
+        self.procs, self.logs = [None, None], [self.tmp_path / "server-a.log", self.tmp_path / "server-b.log"]
+        for i in range(2):
+            self._start_replica(i)
+        base = self._exit.enter_context(running_nginx(self.tmp_path / "nginx", self.data / "blobs", self.ports, port=front))
+        return base
+
+    def _start_replica(self, i: int) -> None:
+        with open(self.logs[i], "ab") as log:
+            self.procs[i] = subprocess.Popen(
+                server_command() + ["--data", str(self.data), "--port", str(self.ports[i]), "--trusted-key",
+                                    str(self.kit["pub"]), "--admin-token-file", str(self.token_file)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        wait_for(f"replica {i} /healthz", lambda: self.procs[i].poll() is None and httpx.get(
+            f"http://127.0.0.1:{self.ports[i]}/healthz", timeout=1).status_code == 200, 30)
+
+    def sigkill(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait(10)
+        assert self.procs[i].returncode == -signal.SIGKILL
+
+    def restart(self, i: int) -> None:
+        self._start_replica(i)
+
+    def alive(self) -> bool:
+        return all(p is not None and p.poll() is None for p in self.procs)
+
+    def bundle_path(self, device_id: str, digest: str) -> str:
+        return f"/blobs/sha256/{digest[:2]}/{digest}" if self.nginx else f"/v1/devices/{device_id}/bundles/{digest}"
+
+    def bundle_requests(self, device_id: str, digest: str) -> List[dict]:
+        """The device's download requests of that bundle, as the relay in front of them saw them."""
+        if self.nginx:
+            return self.download_proxy.requests_for(self.bundle_path(device_id, digest), f"device={device_id}&")
+        return self.proxy.requests_for(self.bundle_path(device_id, digest))
+
+    def log_text(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n" + p.read_text(errors="replace")[-12000:] for p in self.logs if p.exists())
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.kill()
+            if p is not None:
+                p.wait(10)
+        for proxy in {id(x): x for x in (self.proxy, self.download_proxy) if x is not None}.values():
+            proxy.stop()
+        self._exit.close()
+
+
 # ---------------------------------------------------------------- the e2e test
 
 
 @pytest.mark.slow
-def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
+@pytest.mark.parametrize("topology", ["sqlite-1", "postgres-2-nginx"])
+def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit, topology):
+    """The issue-5 scenario; with ``postgres-2-nginx`` also: one replica SIGKILLed mid-rollout (and
+    restarted later) loses nothing, and no bundle byte passes through a Python process."""
     t_start = time.monotonic()
     sockdir = Path(tempfile.mkdtemp(prefix="epf-"))  # Unix socket paths must stay short
-    data, port = tmp_path / "server-data", free_port()
-    token_file = tmp_path / "admin.token"
-    token_file.write_text(ADMIN + "\n")
-    server_log = tmp_path / "server.log"
-    env = {**os.environ, "EDGEPACK_SERVER_TICK_INTERVAL_S": "0.2", "EDGEPACK_SERVER_POLL_INTERVAL_S": "1",
-           "EDGEPACK_SERVER_DEVICE_RATE_LIMIT": "0"}
-    procs: List[subprocess.Popen] = []
+    stack = Stack(topology, tmp_path, kit)
     agents: List[Agent] = []
     traffic: Optional[Traffic] = None
-    proxy: Optional[Proxy] = None
-    with open(server_log, "ab") as log:
-        server = subprocess.Popen(server_command() + ["--data", str(data), "--port", str(port), "--trusted-key", str(kit["pub"]),
-                                                      "--admin-token-file", str(token_file)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env)
-    procs.append(server)
-    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=15)
+    c = httpx.Client(headers=AUTH, timeout=15)
 
     def phase(name: str) -> None:
-        print(f"[fleet-e2e {time.monotonic() - t_start:6.1f}s] {name}", flush=True)
+        print(f"[fleet-e2e {topology} {time.monotonic() - t_start:6.1f}s] {name}", flush=True)
 
     try:
-        wait_for("the server's /healthz", lambda: server.poll() is None and c.get("/healthz").status_code == 200, 30)
-        proxy = Proxy(port)
+        c.base_url = stack.start()
+        proxy = stack.proxy
 
         def upload(name: str) -> dict:
             r = c.post("/v1/admin/bundles", content=kit[name].read_bytes(), headers={"Content-Type": "application/octet-stream"})
@@ -409,10 +496,19 @@ def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
             return (view["status"] == "completed" and len(view["members"]) == N_DEVICES
                     and all(m["state"] == "committed" for m in view["members"]) and fleet_on("2.0.0"))
 
+        if stack.nginx:
+            # one replica dies mid-rollout (SIGKILL: nothing flushed, requests in flight); nginx sends
+            # everything to the survivor
+            wait_for("the first cohort to join", lambda: len(rollout_view(rid_v2)["members"]) >= 1, 30, 0.05)
+            stack.sigkill(0)
+            phase("(a) replica a SIGKILLed mid-rollout")
         wait_for("the v2 rollout to complete on every device", v2_done, 60, 0.25)
         view = rollout_view(rid_v2)
         assert [h["event"] for h in view["history"]] == ["created", "advanced", "advanced", "completed"]
         assert daemon_versions() == server_versions() == {a.id: "2.0.0" for a in agents}
+        if stack.nginx:
+            stack.restart(0)
+            assert httpx.get(f"http://127.0.0.1:{stack.ports[0]}/v1/admin/rollouts/{rid_v2}", headers=AUTH).json() == view
         phase("(a) v2 on every device")
 
         # ---- (b) three bad releases, each halts at its first step
@@ -465,7 +561,7 @@ def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
                     assert a.id not in members
                     events = c.get("/v1/admin/events", params={"device_id": a.id, "limit": 1000}).json()
                     assert not [e for e in events if e["digest"] == digest or e["rollout_id"] == rid], (a.id, name)
-                    assert not proxy.requests_for(f"/v1/devices/{a.id}/bundles/{digest}"), (a.id, name)
+                    assert not stack.bundle_requests(a.id, digest), (a.id, name)
             if name != "v3a":  # these two were switched to and served live traffic before probation failed them
                 assert any(version in traffic.seen[d] for d in members), (name, traffic.seen)
             else:
@@ -477,8 +573,8 @@ def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
         big = bundles["v4"]
         assert big["size"] > 5_000_000
         victim = agents[0]
-        big_path = f"/v1/devices/{victim.id}/bundles/{big['digest']}"
-        proxy.throttle[big_path] = 1_500_000.0  # bytes/s: the download takes ~4 s
+        big_path = stack.bundle_path(victim.id, big["digest"])
+        stack.download_proxy.throttle[big_path] = 1_500_000.0  # bytes/s: the download takes ~4 s
         r = c.post("/v1/admin/rollouts", json={"bundle_id": big["id"], "group": GROUP, "steps": [100], "soak_seconds": 0,
                                                "min_devices_succeeded": 0, "max_failure_rate": 0.1, "halt_min_count": 1,
                                                "probation": {**PROBATION, "max_latency_ratio": 100.0}})
@@ -491,13 +587,13 @@ def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
         partial = victim.cache / "ota" / "download.partial"
         assert saved["state"] == "downloading" and 0 < saved["offset"] < big["size"], saved
         assert partial.stat().st_size >= saved["offset"]
-        before = len(proxy.requests_for(big_path))
-        assert before == 1 and proxy.requests_for(big_path)[0]["range"] is None
+        before = len(stack.bundle_requests(victim.id, big["digest"]))
+        assert before == 1 and stack.bundle_requests(victim.id, big["digest"])[0]["range"] is None
         phase(f"(c) killed {victim.id} at offset {saved['offset']} of {big['size']}")
-        proxy.throttle.pop(big_path)
+        stack.download_proxy.throttle.pop(big_path)
         victim.start()
         wait_for("v4 on every device (daemons and server)", lambda: fleet_on("4.0.0"), 60, 0.25)
-        resumed = proxy.requests_for(big_path)[before:]
+        resumed = stack.bundle_requests(victim.id, big["digest"])[before:]
         assert resumed and resumed[0]["range"] == f"bytes={saved['offset']}-", resumed
         assert all(e["range"] for e in resumed), resumed  # never started over from byte 0
         assert daemon_versions() == server_versions() == {a.id: "4.0.0" for a in agents}
@@ -505,9 +601,13 @@ def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
         assert {m["state"] for m in rollout_view(rid_big)["members"]} == {"committed"}
         phase("(c) resumed with Range and installed")
         assert all(a.proc.poll() is None for a in agents), "an agent died"
-        assert server.poll() is None
+        assert stack.alive()
+        if stack.nginx:  # every bundle byte came from nginx: the API was never asked for one
+            api_downloads = [e for e in proxy.log if "/bundles/" in e["path"] or "/deltas/" in e["path"]]
+            assert not api_downloads, api_downloads[:3]
+            assert len([e for e in stack.download_proxy.log if e["path"].startswith("/blobs/")]) > 2 * N_DEVICES
     except BaseException:
-        print("\n===== server log =====\n" + server_log.read_text(errors="replace")[-20000:], flush=True)
+        print("\n" + stack.log_text(), flush=True)
         for a in agents:
             print(f"\n===== agent {a.id} (exit {a.proc.poll() if a.proc else None}) =====\n" + a.log()[-8000:], flush=True)
             try:
@@ -519,21 +619,17 @@ def test_fleet_rollout_bad_releases_and_resumed_download(tmp_path, kit):
             print("\n===== events =====\n" + "\n".join(json.dumps(e) for e in c.get("/v1/admin/events", params={"limit": 60}).json()), flush=True)
         except httpx.HTTPError as exc:
             print(f"(no server state: {exc!r})", flush=True)
-        if proxy is not None:
+        if stack.download_proxy is not None:
             print("\n===== proxy log (downloads) =====\n" + "\n".join(
-                json.dumps(e) for e in proxy.log if "/bundles/" in e["path"] or "/deltas/" in e["path"]), flush=True)
+                json.dumps(e) for e in stack.download_proxy.log if "/bundles/" in e["path"] or "/deltas/" in e["path"]
+                or e["path"].startswith("/blobs/")), flush=True)
         raise
     finally:
         if traffic is not None:
             traffic.stop()
         for a in agents:
             a.kill()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-        if proxy is not None:
-            proxy.stop()
+        stack.stop()
         c.close()
         shutil.rmtree(sockdir, ignore_errors=True)
 
@@ -583,14 +679,14 @@ def test_health_failure_rules(health, baseline, expected):
         assert "check-in health" in got[1]
 
 
-def test_checkin_health_regression_counts_as_failure_and_halts(tmp_path, kit):
+def test_checkin_health_regression_counts_as_failure_and_halts(tmp_path, kit, db_url):
     from fastapi.testclient import TestClient
 
     from edgepack.server.app import create_app
     from edgepack.server.settings import ServerSettings
     from edgepack.server.storage import open_storage
 
-    settings = ServerSettings.for_tests(tmp_path / "data", ADMIN, trusted_key_files=(kit["pub"],))
+    settings = ServerSettings.for_tests(tmp_path / "data", ADMIN, trusted_key_files=(kit["pub"],), db_url=db_url)
     client = TestClient(create_app(settings, open_storage(settings.db_url), run_ticker=False))
 
     def up(name: str) -> dict:
@@ -630,14 +726,14 @@ def test_checkin_health_regression_counts_as_failure_and_halts(tmp_path, kit):
     assert checkin("b", ref, healthy)["action"] == "none"
 
 
-def test_healthy_checkins_on_the_new_model_do_not_fail_it(tmp_path, kit):
+def test_healthy_checkins_on_the_new_model_do_not_fail_it(tmp_path, kit, db_url):
     from fastapi.testclient import TestClient
 
     from edgepack.server.app import create_app
     from edgepack.server.settings import ServerSettings
     from edgepack.server.storage import open_storage
 
-    settings = ServerSettings.for_tests(tmp_path / "data", ADMIN, trusted_key_files=(kit["pub"],))
+    settings = ServerSettings.for_tests(tmp_path / "data", ADMIN, trusted_key_files=(kit["pub"],), db_url=db_url)
     client = TestClient(create_app(settings, open_storage(settings.db_url), run_ticker=False))
     v1 = client.post("/v1/admin/bundles", content=kit["v1"].read_bytes(), headers=AUTH).json()
     v2 = client.post("/v1/admin/bundles", content=kit["v2"].read_bytes(), headers=AUTH).json()

@@ -31,6 +31,8 @@ from edgepack.server.delta import apply_delta
 from edgepack.server.rollout import cohort_position
 from edgepack.server.settings import ServerSettings
 from edgepack.server.storage import open_storage
+from edgepack.server.storage.migrations import latest_version
+from pg import sql_rows
 from net import free_port
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -154,11 +156,12 @@ class Device:
 
 
 @pytest.fixture
-def server(tmp_path, kit):
+def server(tmp_path, kit, db_url):
     clock = Clock()
 
     def make(**overrides):
-        settings = ServerSettings.for_tests(tmp_path / "data", ADMIN, trusted_key_files=(kit["pub"],), **overrides)
+        settings = ServerSettings.for_tests(tmp_path / "data", ADMIN, trusted_key_files=(kit["pub"],), db_url=db_url,
+                                            **overrides)
         storage = open_storage(settings.db_url)
         client = TestClient(create_app(settings, storage, clock=clock, run_ticker=False))
         client.clock, client.settings, client.storage = clock, settings, storage
@@ -243,12 +246,14 @@ def test_provisioning_token_shown_once_and_only_its_hash_stored(server):
     r = c.patch("/v1/admin/devices/pi-001", json={"group": "field"}, headers=AUTH)
     assert r.json()["group"] == "field"
     c.storage.close()
-    db = c.settings.sqlite_path
-    with sqlite3.connect(db) as con:
-        assert con.execute("SELECT token_sha256 FROM devices WHERE id='pi-001'").fetchone()[0] == sha(token.encode())
-        assert [row[0] for row in con.execute("SELECT version FROM schema_migrations")] == [1, 2]
-    for f in db.parent.glob("edgepack.db*"):
-        assert token.encode() not in f.read_bytes()
+    url = c.settings.db_url
+    assert sql_rows(url, "SELECT token_sha256 FROM devices WHERE id='pi-001'") == [(sha(token.encode()),)]
+    assert [row[0] for row in sql_rows(url, "SELECT version FROM schema_migrations ORDER BY version")] == \
+        list(range(1, latest_version() + 1))
+    assert not [r for r in sql_rows(url, "SELECT * FROM devices") if any(token in str(v) for v in r)]
+    if url.startswith("sqlite:///"):
+        for f in c.settings.sqlite_path.parent.glob("edgepack.db*"):
+            assert token.encode() not in f.read_bytes()
 
 
 def test_device_cannot_address_another_device(server, kit):
@@ -455,7 +460,7 @@ def test_rate_limit_and_body_caps(server, kit):
     assert r.status_code == 413 and c.get("/v1/admin/bundles", headers=AUTH).json() == []
 
 
-def test_migrate_command(tmp_path):
+def test_migrate_command(tmp_path, db_url):
     import typer
     from typer.testing import CliRunner
 
@@ -469,10 +474,11 @@ def test_migrate_command(tmp_path):
         """test root"""
 
     runner = CliRunner()
-    first = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path)])
-    assert first.exit_code == 0 and "Applied migrations 1, 2" in first.stdout
-    again = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path)])
-    assert again.exit_code == 0 and "up to date (version 2)" in again.stdout
+    latest = latest_version()
+    first = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path), "--db-url", db_url])
+    assert first.exit_code == 0 and f"Applied migrations {', '.join(map(str, range(1, latest + 1)))}" in first.stdout
+    again = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path), "--db-url", db_url])
+    assert again.exit_code == 0 and f"up to date (version {latest})" in again.stdout
     assert not (tmp_path / "admin.token").exists()
 
 
@@ -489,10 +495,11 @@ def _server_command() -> list[str]:
     return [sys.executable, "-m", module, "server", "run"]
 
 
-def _start(data: Path, port: int, pub: Path, token_file: Path) -> subprocess.Popen:
+def _start(data: Path, port: int, pub: Path, token_file: Path, db_url: str) -> subprocess.Popen:
     log = open(data.parent / "server.log", "ab")  # noqa: SIM115 - the child keeps writing to it
     proc = subprocess.Popen(
-        _server_command() + ["--data", str(data), "--port", str(port), "--trusted-key", str(pub), "--admin-token-file", str(token_file)],
+        _server_command() + ["--data", str(data), "--port", str(port), "--trusted-key", str(pub), "--admin-token-file", str(token_file),
+                             "--db-url", db_url],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "EDGEPACK_SERVER_TICK_INTERVAL_S": "0.2"},
     )
     log.close()
@@ -509,11 +516,11 @@ def _start(data: Path, port: int, pub: Path, token_file: Path) -> subprocess.Pop
     raise AssertionError("server did not start")
 
 
-def test_real_server_survives_sigkill_mid_rollout(tmp_path, kit):
+def test_real_server_survives_sigkill_mid_rollout(tmp_path, kit, db_url):
     data, port = tmp_path / "data", free_port()
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
-    proc = _start(data, port, kit["pub"], token_file)
+    proc = _start(data, port, kit["pub"], token_file, db_url)
     try:
         c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
         v1, v2 = upload(c, kit["v1"]), upload(c, kit["v2"])
@@ -537,7 +544,7 @@ def test_real_server_survives_sigkill_mid_rollout(tmp_path, kit):
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
 
-    proc = _start(data, port, kit["pub"], token_file)
+    proc = _start(data, port, kit["pub"], token_file, db_url)
     try:
         c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
         after = c.get(f"/v1/admin/rollouts/{rid}", headers=AUTH).json()
@@ -549,7 +556,7 @@ def test_real_server_survives_sigkill_mid_rollout(tmp_path, kit):
         replay = {"events": [{"seq": joined[0].seq, "type": "rolled_back", "rollout_id": rid}]}
         assert c.post(f"/v1/devices/{joined[0].id}/events", json=replay, headers=joined[0].headers).status_code == 409
         assert joined[-1].checkin().status_code == 200
-        assert c.get("/healthz").json()["schema_version"] == 2
+        assert c.get("/healthz").json()["schema_version"] == latest_version()
         # the periodic tick advances soak-timed steps on its own
         provision(c, "t0", group="tick")
         tid = rollout(c, v2, group="tick", steps=[50, 100], soak_seconds=0.3, min_devices_succeeded=0)["id"]

@@ -20,6 +20,12 @@ def register(app: typer.Typer) -> None:
     app.add_typer(server_app, name="server")
 
 
+def _db_url_option():
+    return typer.Option(None, "--db-url", help="Database: sqlite:///PATH (default DATA/edgepack.db) or "
+                        "postgresql://USER:PASSWORD@HOST:PORT/DB for several replicas (env EDGEPACK_SERVER_DB_URL).",
+                        show_default=False)
+
+
 def _data_option() -> Optional[Path]:
     return typer.Option(None, "--data", help="Server data directory (database, blobs, admin token). "
                         "Env: EDGEPACK_SERVER_DATA; default ./edgepack-server-data.", show_default=False)
@@ -33,8 +39,9 @@ def run(
     port: Optional[int] = typer.Option(None, "--port", help="Listen port (env EDGEPACK_SERVER_PORT; default 8400).", show_default=False),
     trusted_key: Optional[List[Path]] = typer.Option(None, "--trusted-key", help="Publisher public key (.pub) uploads must be signed with; repeatable. Env: EDGEPACK_SERVER_TRUSTED_KEYS (os.pathsep-separated).", show_default=False),
     admin_token_file: Optional[Path] = typer.Option(None, "--admin-token-file", help="File holding the admin bearer token (env EDGEPACK_SERVER_ADMIN_TOKEN_FILE or EDGEPACK_SERVER_ADMIN_TOKEN). Without one, a token is generated into DATA/admin.token.", show_default=False),
+    db_url: Optional[str] = _db_url_option(),
 ) -> None:
-    """Serve the admin and device APIs (single process; Ctrl-C stops)."""
+    """Serve the admin and device APIs (one process; run several against one PostgreSQL database to scale out)."""
     from ..server.app import create_app
     from ..server.settings import load_settings
     from ..server.storage import open_storage
@@ -46,10 +53,10 @@ def run(
 
         raise MissingExtraError("The update server needs its extra: pip install 'edgepack[server]'.") from exc
     settings, created = load_settings(data_dir=data, host=host, port=port, trusted_keys=trusted_key,
-                                      admin_token_file=admin_token_file, require_trusted_keys=True)
+                                      admin_token_file=admin_token_file, db_url=db_url, require_trusted_keys=True)
     if created is not None:
         typer.echo(f"Generated an admin token in {created} (mode 0600); send it as 'Authorization: Bearer <token>'.", err=True)
-    storage = open_storage(settings.db_url)
+    storage = open_storage(settings.db_url, pool_size=settings.db_pool_size)
     try:
         app = create_app(settings, storage)
         typer.echo(f"edgepack server on http://{settings.host}:{settings.port} (data: {settings.data_dir})", err=True)
@@ -63,13 +70,13 @@ def run(
 
 @server_app.command("migrate")
 @handle_errors
-def migrate(data: Optional[Path] = _data_option()) -> None:
-    """Apply pending database schema migrations and exit."""
+def migrate(data: Optional[Path] = _data_option(), db_url: Optional[str] = _db_url_option()) -> None:
+    """Apply pending database schema migrations and exit (safe to run from several hosts at once)."""
     from ..server.settings import load_settings
     from ..server.storage import open_storage
 
-    settings, _ = load_settings(data_dir=data, create_admin_token=False)
-    storage = open_storage(settings.db_url)
+    settings, _ = load_settings(data_dir=data, db_url=db_url, create_admin_token=False)
+    storage = open_storage(settings.db_url, pool_size=2)
     try:
         applied = storage.migrate()
         version = storage.schema_version()

@@ -39,7 +39,8 @@ from .http_errors import ApiError, error_body
 from .orchestration import Orchestrator
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
-from .storage import BundleRecord, DeviceRecord, Storage, TokenOwner
+from .signing import verify_uri
+from .storage import BundleRecord, DeviceRecord, Storage, StorageConflict, TokenOwner
 from .summary import build_summary
 
 __all__ = ["create_app"]
@@ -49,7 +50,9 @@ log = logging.getLogger("edgepack.server")
 UPLOAD_PATH = "/v1/admin/bundles"
 _CHECKIN_PATH = re.compile(r"/v1/devices/([^/]+)/checkin")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-_ERRORS = {code: {"model": s.ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429)}
+_ERRORS = {code: {"model": s.ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)}
+_BUSY = (503, "busy", "Another server replica changed the same records at the same moment and this request was "
+         "rolled back (nothing changed); retry it.", {"Retry-After": "1"})
 
 
 # ------------------------------------------------------------------ body caps
@@ -180,6 +183,20 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
 
     directive_out = TypeAdapter(s.DirectiveResponse)
 
+    # SQLite calls are microseconds behind one lock: cheaper on the event loop than two thread hops.
+    # PostgreSQL calls wait on the network and on other replicas' row locks: worker threads.
+    async def blocking(fn: Callable, *args: Any) -> Any:
+        return fn(*args) if storage.inline_safe else await run_in_threadpool(fn, *args)
+
+    def checkin_now(device_id: str, token: str, req: s.CheckinRequest) -> Optional[dict]:
+        """The check-in, or None (before any side effect) when the token does not authenticate."""
+        try:
+            found = fleet.authenticate(device_id, token)
+        except ApiError:
+            return None
+        rate_limit(found.id)
+        return fleet.checkin(found.id, req)
+
     async def no_receive() -> dict:  # pragma: no cover - responses never read the request
         return {"type": "http.disconnect"}
 
@@ -217,15 +234,18 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
             return False
         try:
             req = s.CheckinRequest.model_validate(json.loads(body))  # what the route does with the body
-            found = fleet.authenticate(match.group(1), token)
-        except (ValueError, ApiError):  # JSON / validation errors are ValueErrors: let the route answer
+        except ValueError:  # JSON / validation errors are ValueErrors: let the route answer
             return False
         try:
-            rate_limit(found.id)
-            out = fleet.checkin(found.id, req)
+            out = await blocking(checkin_now, match.group(1), token, req)
         except ApiError as exc:
             await _error_response(exc.status, exc.code, exc.message, exc.headers)(scope, no_receive, send)
             return True
+        except StorageConflict:
+            await _error_response(*_BUSY)(scope, no_receive, send)
+            return True
+        if out is None:
+            return False
         try:
             payload = directive_out.dump_json(directive_out.validate_python(out, from_attributes=True), by_alias=True)
         except ValidationError as exc:
@@ -273,6 +293,10 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc.status, exc.code, exc.message, exc.headers)
 
+    @app.exception_handler(StorageConflict)
+    async def _conflict(_request: Request, exc: StorageConflict) -> JSONResponse:
+        return _error_response(*_BUSY)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -307,10 +331,15 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     # Device auth and check-ins run on the event loop, not in the thread pool: each is a few short
     # SQLite statements behind the storage's one lock (a worker thread would only add two thread
     # hops per request and GIL hand-offs). Everything slow (uploads, downloads, admin) stays in threads.
-    async def device(device_id: str, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> TokenOwner:
+    def device_now(device_id: str, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> TokenOwner:
         found = fleet.authenticate(device_id, creds.credentials if creds else None)
         rate_limit(found.id)
         return found
+
+    async def device_inline(device_id: str, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> TokenOwner:
+        return device_now(device_id, creds)
+
+    device = device_inline if storage.inline_safe else device_now  # FastAPI runs a plain def in a worker thread
 
     # ----------------------------------------------------------- device API
 
@@ -320,7 +349,7 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     # answers the rest and documents the API.
     @app.post("/v1/devices/{device_id}/checkin", response_model=s.DirectiveResponse, **dev)
     async def checkin(req: s.CheckinRequest, d: TokenOwner = Depends(device)) -> dict:
-        return fleet.checkin(d.id, req)
+        return await blocking(fleet.checkin, d.id, req)
 
     @app.post("/v1/devices/{device_id}/events", response_model=s.EventsResponse, **dev)
     def events(req: s.EventsRequest, d: TokenOwner = Depends(device)) -> dict:
@@ -437,6 +466,17 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     def dashboard() -> HTMLResponse:
         # Read per request: a static, self-contained page (no external assets); it fetches /v1/admin/summary.
         return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
+
+    # nginx's auth_request for the blob directory (deploy/nginx/edgepack.conf): HMAC and clock
+    # only, no database, no rate limit, so every replica answers it cheaply for every download.
+    @app.get("/v1/internal/download-auth", status_code=204, response_class=Response, include_in_schema=False)
+    async def download_auth(request: Request) -> Response:
+        try:
+            verify_uri(request.headers.get("x-original-uri", ""), settings.download_secret, clock(),
+                       settings.download_url_ttl_s)
+        except ValueError:  # SignatureError, or no secret configured
+            return Response(status_code=403)
+        return Response(status_code=204)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

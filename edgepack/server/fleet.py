@@ -3,14 +3,23 @@
 Check-ins and event batches are each one transaction: the seq check, the device's
 reported state, membership updates, auto-halt/advancement and new memberships are
 committed together or not at all.
+
+With several replicas, the transaction starts by locking the device's row (so two
+requests of one device are applied one after the other and the seq check holds), and
+changes a rollout's members only under that rollout's row lock (see
+:mod:`.orchestration`); a deadlock between replicas rolls the transaction back and it
+is run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import random
 import secrets
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 from . import rollout as logic
@@ -20,7 +29,8 @@ from .http_errors import ApiError
 from .orchestration import Orchestrator
 from .schemas import CheckinRequest, DeviceCreate, DeviceUpdate, EventsRequest
 from .settings import ServerSettings, hash_token
-from .storage import DeviceRecord, EventRecord, RolloutRecord, Storage, TokenOwner
+from .signing import sign_url
+from .storage import DeviceRecord, EventRecord, MemberRecord, RolloutRecord, Storage, StorageConflict, TokenOwner
 
 __all__ = ["Fleet"]
 
@@ -36,6 +46,21 @@ def _not_found(device_id: str) -> ApiError:
 # How long a group's previous-model latency baseline is reused before it is recomputed.
 BASELINE_TTL_S = 10.0
 
+#: Attempts of one check-in / event batch when replicas collide (StorageConflict).
+ATTEMPTS = 4
+
+
+def _retrying(fn: Callable[[], Any]) -> Any:
+    """Run the transaction ``fn`` again when the database rolled it back because of another replica."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return fn()
+        except StorageConflict:
+            if attempt == ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.002, 0.02) * (attempt + 1))  # jitter: the colliding replica goes first
+    raise AssertionError("unreachable")
+
 
 class Fleet:
     def __init__(self, settings: ServerSettings, storage: Storage, blobs: BlobStore, orchestrator: Orchestrator,
@@ -47,7 +72,8 @@ class Fleet:
         self.orchestrator = orchestrator
         self.clock = clock
         # (group, profile, digest) -> (computed at, baseline p95): the scan over a group is
-        # far too costly to repeat on every check-in of a large fleet.
+        # far too costly to repeat on every check-in of a large fleet. A cache of database data,
+        # at most BASELINE_TTL_S old; each replica keeps its own (they agree within that bound).
         self._baselines: dict[tuple, tuple[float, Optional[float]]] = {}
 
     # ------------------------------------------------------------------ admin
@@ -95,10 +121,13 @@ class Fleet:
     # --------------------------------------------------------------- check-in
 
     def checkin(self, device_id: str, req: CheckinRequest) -> dict[str, Any]:
+        return _retrying(lambda: self._checkin(device_id, req))
+
+    def _checkin(self, device_id: str, req: CheckinRequest) -> dict[str, Any]:
         now = self.clock()
         current = req.current.digest if req.current else None
         with self.storage.transaction():
-            device = self.storage.get_device(device_id)
+            device = self.storage.lock_device(device_id)
             if device is None:
                 raise _not_found(device_id)
             self._check_seq(device, [req.seq])
@@ -114,17 +143,14 @@ class Fleet:
             for member in self.storage.members_of_device(device_id):
                 r = self.storage.get_rollout(member.rollout_id)
                 bundle = self.storage.get_bundle(r.bundle_id) if r else None
-                if bundle is None:
+                if bundle is None or self._member_after_checkin(device, member, r, bundle.digest, current, now) is None:
                     continue
-                state = logic.member_after_report(member.state, current, bundle.digest)
-                changes: dict[str, Any] = {}
-                if state in (logic.INSTALLED, logic.COMMITTED) and current == bundle.digest and r.status in _WATCHED:
-                    failure = self._health_failure(device, r.probation, member.from_digest)
-                    if failure is not None:
-                        state = logic.FAILED
-                        changes = {"failure_code": failure[0], "failure_detail": failure[1]}
-                if state != member.state:
-                    self.storage.save_member(dataclasses.replace(member, state=state, updated_at=now, **changes))
+                # A change: decide again on the locked rollout and the member as they are now.
+                r = self.storage.lock_rollout(r.id)
+                member = self.storage.get_member(r.id, device_id)
+                updated = self._member_after_checkin(device, member, r, bundle.digest, current, now)
+                if updated is not None:
+                    self.storage.save_member(updated)
                     touched[r.id] = r
             for r in touched.values():
                 self.orchestrator.evaluate(r, now)
@@ -134,6 +160,20 @@ class Fleet:
         if req.summaries and self.monitor is not None:
             self.monitor.ingest(device_id, device.group, current, req.summaries, now)
         return self._directive_body(device_id, decision, rollout, current)
+
+    def _member_after_checkin(self, device: DeviceRecord, member: MemberRecord, r: RolloutRecord, digest: str,
+                              current: Optional[str], now: float) -> Optional[MemberRecord]:
+        """``member`` as this check-in leaves it, or None when it does not change."""
+        state = logic.member_after_report(member.state, current, digest)
+        changes: dict[str, Any] = {}
+        if state in (logic.INSTALLED, logic.COMMITTED) and current == digest and r.status in _WATCHED:
+            failure = self._health_failure(device, r.probation, member.from_digest)
+            if failure is not None:
+                state = logic.FAILED
+                changes = {"failure_code": failure[0], "failure_detail": failure[1]}
+        if state == member.state:
+            return None
+        return dataclasses.replace(member, state=state, updated_at=now, **changes)
 
     def _health_failure(self, device: DeviceRecord, probation: Optional[dict], from_digest: Optional[str]):
         """A health regression in ``device``'s latest check-in (running a rollout's bundle), or None."""
@@ -169,7 +209,8 @@ class Fleet:
         body.update(
             rollout_id=rollout.id,
             bundle={"name": bundle.name, "version": bundle.version, "digest": bundle.digest, "size": bundle.size,
-                    "url": f"/v1/devices/{device_id}/bundles/{bundle.digest}"},
+                    "url": self._download_url(device_id, self.blobs.path(bundle.digest),
+                                              f"/v1/devices/{device_id}/bundles/{bundle.digest}")},
             probation=rollout.probation if decision.action == "update" else None,
         )
         if current and current != bundle.digest:
@@ -179,8 +220,21 @@ class Fleet:
                 delta = None  # a delta is an optimization; the full download always works
             if delta is not None:
                 body["delta"] = {"from_digest": current, "digest": delta.digest, "size": delta.size,
-                                 "url": f"/v1/devices/{device_id}/deltas/{current}/{bundle.digest}"}
+                                 "url": self._download_url(device_id, self.blobs.delta_path(current, bundle.digest),
+                                                           f"/v1/devices/{device_id}/deltas/{current}/{bundle.digest}")}
         return body
+
+    def _download_url(self, device_id: str, blob: Path, api_url: str) -> str:
+        """A signed URL under ``download_base_url`` for the file ``blob``, or the API's own ``api_url``.
+
+        Signing here, only for what this directive names, is the grant check: the proxy in front
+        of the blob directory serves any path whose signature verifies and nothing else.
+        """
+        if not self.settings.download_base_url:
+            return api_url
+        expires = int(self.clock() + self.settings.download_url_ttl_s)
+        blob_path = blob.relative_to(self.blobs.root).as_posix()  # the proxy serves blob_dir as is
+        return sign_url(self.settings.download_base_url, blob_path, device_id, expires, self.settings.download_secret)
 
     # ----------------------------------------------------------------- events
 
@@ -195,9 +249,12 @@ class Fleet:
                                "strictly increasing seq order (nothing changed).")
 
     def ingest_events(self, device_id: str, req: EventsRequest) -> dict[str, Any]:
+        return _retrying(lambda: self._ingest_events(device_id, req))
+
+    def _ingest_events(self, device_id: str, req: EventsRequest) -> dict[str, Any]:
         now = self.clock()
         with self.storage.transaction():
-            device = self.storage.get_device(device_id)
+            device = self.storage.lock_device(device_id)
             if device is None:
                 raise _not_found(device_id)
             self._check_seq(device, [e.seq for e in req.events])
@@ -223,7 +280,8 @@ class Fleet:
                 member = self._member_for(device_id, e.rollout_id, e.digest)
                 if member is None:
                     continue
-                r = self.storage.get_rollout(member.rollout_id)
+                r = self.storage.lock_rollout(member.rollout_id)  # members change only under the rollout's lock
+                member = self.storage.get_member(member.rollout_id, device_id)
                 state, kind = logic.member_after_event(member.state, e.type, e.reason.code if e.reason else None, r.status)
                 if state != member.state or kind:
                     self.storage.save_member(dataclasses.replace(

@@ -2,6 +2,13 @@
 
 Decisions come from :mod:`.rollout` (pure); this module loads their inputs from
 storage and writes their outcome back, inside the caller's transaction.
+
+Several server replicas may evaluate the same rollout at once. Every decision that
+changes it (halt, advance, complete, a device joining the cohort, an admin action) is
+taken on the row returned by ``storage.lock_rollout`` — the current committed row, locked
+until the transaction ends — so it happens exactly once: the replica that comes second
+sees the first one's outcome and finds nothing left to do. Cheap checks on possibly
+stale reads only decide whether taking the lock is worth it.
 """
 
 from __future__ import annotations
@@ -69,6 +76,9 @@ class Orchestrator:
         if problems:
             raise ApiError(422, "invalid_steps", "; ".join(problems) + ".")
         with self.storage.transaction():
+            # Two replicas creating rollouts for one group at once must not both pass the "no rollout in
+            # progress" check below.
+            self.storage.lock_key(f"group:{req.group}")
             bundle = self.storage.get_bundle(req.bundle_id)
             if bundle is None:
                 raise ApiError(422, "unknown_bundle", f"There is no bundle {req.bundle_id!r}; upload it first.")
@@ -95,7 +105,8 @@ class Orchestrator:
     def act(self, rollout_id: str, action: str) -> RolloutRecord:
         allowed, target = _ACTIONS[action]
         with self.storage.transaction():
-            r = self.get(rollout_id)
+            self.get(rollout_id)  # 404 for an unknown id
+            r = self.storage.lock_rollout(rollout_id)
             if r.status not in allowed:
                 raise ApiError(409, "invalid_transition", f"Rollout {r.id} is {r.status}; '{action}' needs it to be "
                                f"{' or '.join(allowed)}.")
@@ -117,6 +128,13 @@ class Orchestrator:
         policy = policy_of(r)
         if not decision_due(r, policy, self.storage.member_counts(r.id), now):
             return r  # neither a halt nor an advance can happen: skip loading every member
+        # Decide on the current row, locked: another replica may have just halted or advanced it.
+        locked = self.storage.lock_rollout(r.id)
+        if locked is None or locked.status not in (logic.ACTIVE, logic.PAUSED, logic.COMPLETED):
+            return locked or r
+        r, policy = locked, policy_of(locked)
+        if not decision_due(r, policy, self.storage.member_counts(r.id), now):
+            return r
         members = [member_view(m) for m in self.storage.list_members(r.id)]
         halt = logic.halt_decision(policy, members)
         if halt is not None:
@@ -191,11 +209,12 @@ class Orchestrator:
             bundle = self.storage.get_bundle(r.bundle_id)
             if bundle is None:
                 continue
-            member = self.storage.get_member(r.id, device.id)
-            decision = logic.compute_directive(
-                r.status, bundle.digest, r.steps, r.step_index, logic.cohort_position(r.id, device.id),
-                member_view(member) if member else None, current_digest,
-            )
+            decision = self._decide(r, bundle.digest, device.id, current_digest)
+            if decision.join:
+                # Joining the cohort is decided on the locked current row (another replica may have halted
+                # the rollout or moved its step a moment ago), so a device joins at most once, at the right step.
+                r = self.storage.lock_rollout(r.id) or r
+                decision = self._decide(r, bundle.digest, device.id, current_digest)
             if decision.action == "none":
                 continue
             if decision.action == "rollback" and self.storage.get_bundle_by_digest(decision.target) is None:
@@ -206,6 +225,11 @@ class Orchestrator:
             self.storage.add_grant(device.id, decision.target, now)
             return decision, r
         return logic.NONE, None
+
+    def _decide(self, r: RolloutRecord, digest: str, device_id: str, current_digest: Optional[str]) -> logic.Directive:
+        member = self.storage.get_member(r.id, device_id)
+        return logic.compute_directive(r.status, digest, r.steps, r.step_index, logic.cohort_position(r.id, device_id),
+                                       member_view(member) if member else None, current_digest)
 
     # ---------------------------------------------------------------------- views
 

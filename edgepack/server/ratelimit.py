@@ -1,4 +1,6 @@
-"""Per-key sliding-window rate limiting (in memory, single process)."""
+"""Per-key sliding-window rate limiting, in memory: each server process counts only the requests it
+served, so N replicas behind a balancer allow up to N times the limit per device (a fleet-wide
+limit belongs in the proxy in front, e.g. nginx limit_req; see docs/deployment.md)."""
 
 from __future__ import annotations
 

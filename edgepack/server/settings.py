@@ -12,9 +12,10 @@ import hmac
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import ServerError
 
@@ -22,6 +23,7 @@ __all__ = ["ENV_PREFIX", "ServerSettings", "hash_token", "load_settings"]
 
 ENV_PREFIX = "EDGEPACK_SERVER_"
 ADMIN_TOKEN_FILE = "admin.token"
+DOWNLOAD_SECRET_FILE = "download.secret"
 
 
 def hash_token(token: str) -> str:
@@ -35,8 +37,9 @@ class ServerSettings:
 
     Attributes:
         data_dir: Root of the server's state.
-        db_url: ``sqlite:///ABS/PATH`` (default ``DATA/edgepack.db``); other schemes
-            are reserved for future backends.
+        db_url: ``sqlite:///ABS/PATH`` (default ``DATA/edgepack.db``: one process) or
+            ``postgresql://USER:PASSWORD@HOST:PORT/DB`` (any number of replicas).
+        db_pool_size: Most PostgreSQL connections one server process opens.
         blob_dir: Content-addressed bundle and delta files.
         admin_token_sha256: sha256 hex of the admin bearer token (the token itself is
             never kept).
@@ -65,6 +68,15 @@ class ServerSettings:
         drift_retention_s: Drift evaluations older than this are pruned.
         drift_record_interval_s: Each (group, version) stores at most one set of evaluations
             per this many seconds (alerts and gates use every evaluation).
+        download_base_url: Public URL prefix where a front proxy serves ``blob_dir`` (e.g.
+            ``https://ota.example.com/blobs``). Set, directives carry absolute signed URLs under
+            it and bundle bytes never pass through this process; empty, devices download
+            through the API as before.
+        download_secret: HMAC key of the signed download URLs. Every replica behind the proxy
+            must use the same one (set ``EDGEPACK_SERVER_DOWNLOAD_SECRET``, or share the data
+            directory's ``download.secret``), or URLs signed by one are refused by another.
+        download_url_ttl_s: How long a signed download URL stays valid (a device checks in
+            again for a fresh one).
     """
 
     data_dir: Path
@@ -95,6 +107,10 @@ class ServerSettings:
     webhook_timeout_s: float = 5.0
     drift_retention_s: float = 7 * 86400.0
     drift_record_interval_s: float = 300.0
+    db_pool_size: int = 16
+    download_base_url: str = ""
+    download_secret: str = field(default="", repr=False)
+    download_url_ttl_s: float = 900.0
 
     def admin_token_ok(self, token: str) -> bool:
         """Constant-time check of a presented admin token."""
@@ -104,7 +120,7 @@ class ServerSettings:
     def sqlite_path(self) -> Path:
         """The database file for ``sqlite:///`` URLs."""
         if not self.db_url.startswith("sqlite:///"):
-            raise ServerError(f"Database URL {self.db_url!r} is not supported yet; use sqlite:///PATH.")
+            raise ServerError("This server's database is not an SQLite file (its URL is not sqlite:///PATH).")
         return Path(self.db_url[len("sqlite:///"):])
 
     @classmethod
@@ -115,6 +131,18 @@ class ServerSettings:
                     admin_token_sha256=hash_token(admin_token))
         base.update(overrides)
         return cls(**base)
+
+
+def _check_db_url(url: str) -> None:
+    """Refuse an unknown database URL early, without echoing its password."""
+    from .storage import POSTGRES_SCHEMES, redact_url
+
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return
+    if url.startswith(POSTGRES_SCHEMES) and len(url.split("://", 1)[1]) > 0:
+        return
+    raise ServerError(f"Database URL {redact_url(url)!r} is not supported; use sqlite:///PATH or "
+                      f"postgresql://USER:PASSWORD@HOST:PORT/DATABASE ({ENV_PREFIX}DB_URL or --db-url).")
 
 
 def _int(name: str, value: Any, minimum: int = 0) -> int:
@@ -167,6 +195,58 @@ def _admin_token(data_dir: Path, token_file: Path | None, env: Mapping[str, str]
     return token, default
 
 
+def _download_secret(data_dir: Path, env: Mapping[str, str]) -> str:
+    secret = env.get(ENV_PREFIX + "DOWNLOAD_SECRET", "")
+    if secret:
+        if len(secret) < 32:
+            raise ServerError(f"{ENV_PREFIX}DOWNLOAD_SECRET is shorter than 32 characters; use a long random secret "
+                              "(the same on every replica).")
+        return secret
+    path = data_dir / DOWNLOAD_SECRET_FILE
+    if not path.exists():
+        # Written whole to a temp file, then linked into place: replicas starting together on a
+        # shared data directory all end up reading the one secret that won, never a partial one.
+        tmp = data_dir / f".{DOWNLOAD_SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(secrets.token_urlsafe(48) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        except OSError as exc:
+            raise ServerError(f"Cannot create the download secret {path}: {exc.strerror or exc}; make the data "
+                              f"directory writable or set {ENV_PREFIX}DOWNLOAD_SECRET.") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ServerError(f"Cannot read the download secret {path}: {exc.strerror or exc}; check its permissions.") from exc
+    if len(secret) < 32:
+        raise ServerError(f"The download secret in {path} is shorter than 32 characters; delete the file to have a "
+                          f"new one generated, or set {ENV_PREFIX}DOWNLOAD_SECRET.")
+    return secret
+
+
+def _base_url(value: Any) -> str:
+    url = str(value or "").strip().rstrip("/")
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        parts = parts._replace(scheme="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ServerError(f"{ENV_PREFIX}DOWNLOAD_BASE_URL={value!r} is not an http(s) URL prefix; use e.g. "
+                          "https://ota.example.com/blobs (no query string).")
+    return url
+
+
 def load_settings(
     *,
     data_dir: Path | None = None,
@@ -184,6 +264,8 @@ def load_settings(
     Returns:
         (settings, path of a newly generated admin token file or None). Without any
         admin token configured, one is generated into ``DATA/admin.token`` (mode 0600).
+        Likewise the download URL secret, without ``EDGEPACK_SERVER_DOWNLOAD_SECRET``, is read
+        from (or first generated into) ``DATA/download.secret`` (mode 0600).
 
     Raises:
         ServerError: A value is malformed, the data directory cannot be created, or
@@ -235,6 +317,10 @@ def load_settings(
         webhook_timeout_s=_float("webhook_timeout_s", env.get(ENV_PREFIX + "WEBHOOK_TIMEOUT_S", 5)),
         drift_retention_s=_float("drift_retention_s", env.get(ENV_PREFIX + "DRIFT_RETENTION_S", 7 * 86400)),
         drift_record_interval_s=_float("drift_record_interval_s", env.get(ENV_PREFIX + "DRIFT_RECORD_INTERVAL_S", 300)),
+        db_pool_size=_int("db_pool_size", env.get(ENV_PREFIX + "DB_POOL_SIZE", 16), 2),
+        download_base_url=_base_url(env.get(ENV_PREFIX + "DOWNLOAD_BASE_URL", "")),
+        download_secret=_download_secret(data, env),
+        download_url_ttl_s=_float("download_url_ttl_s", env.get(ENV_PREFIX + "DOWNLOAD_URL_TTL_S", 900)),
     )
-    settings.sqlite_path  # noqa: B018 - validates the URL scheme early
+    _check_db_url(settings.db_url)
     return settings, created

@@ -4,6 +4,15 @@ Records are plain frozen dataclasses; JSON-ish fields are Python dicts/lists.
 Every method that changes several rows is atomic on its own, and callers group
 several calls into one atomic unit with ``with storage.transaction():``
 (transactions nest: only the outermost one commits).
+
+Several server processes may share one database (PostgreSQL replicas, or processes on
+one SQLite file). The ``lock_*`` methods are how the coordinating code makes a
+read-decide-write step happen exactly once across them: inside a transaction they
+return the *current* committed row and hold it locked until the transaction ends
+(PostgreSQL: ``SELECT … FOR UPDATE`` / advisory locks; SQLite: ``BEGIN IMMEDIATE``
+already serializes every writer, so they are plain reads). A backend may raise
+:class:`StorageConflict` (a deadlock between replicas); the whole transaction is then
+rolled back and may simply be run again.
 """
 
 from __future__ import annotations
@@ -12,8 +21,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
+from ...errors import ServerError
+
+
+class StorageConflict(ServerError):
+    """Two server processes collided on the same rows (e.g. a deadlock); the transaction was
+    rolled back and can be retried as a whole."""
+
 __all__ = [
-    "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "MonitorWindowRecord", "StorageConflict", "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
     "TokenOwner",
 ]
 
@@ -148,15 +164,37 @@ class AlertRecord:
     detail: Optional[dict[str, Any]] = None
 
 
+@dataclass(frozen=True)
+class MonitorWindowRecord:
+    """A device's latest monitoring summary window (``window`` is the parsed summary, JSON-ish)."""
+    device_id: str
+    group: str
+    digest: str
+    at: float
+    window: dict[str, Any]
+
+
 @runtime_checkable
 class Storage(Protocol):
-    """Persistence for the update server (SQLite now, PostgreSQL later)."""
+    """Persistence for the update server (SQLite or PostgreSQL)."""
+
+    #: True when every call is short and never waits on another process (SQLite behind one
+    #: lock): the server may then call it on its event loop instead of in a worker thread.
+    inline_safe: bool
 
     # lifecycle
     def migrate(self) -> list[int]: """Apply pending schema migrations; return the versions applied."""
     def schema_version(self) -> int: ...
     def transaction(self) -> AbstractContextManager[None]: ...
     def close(self) -> None: ...
+
+    # cross-process locks, held until the open transaction ends (see the module docstring)
+    def lock_device(self, device_id: str) -> Optional[DeviceRecord]: ...
+    def lock_rollout(self, rollout_id: str) -> Optional[RolloutRecord]: ...
+    def lock_key(self, key: str) -> None:
+        """Wait for an application lock named ``key`` (e.g. ``group:<name>``)."""
+    def try_lock_key(self, key: str) -> bool:
+        """Take the application lock ``key`` if no other transaction holds it."""
 
     # bundles and stage history
     def add_bundle(self, bundle: BundleRecord) -> None: ...
@@ -209,4 +247,12 @@ class Storage(Protocol):
     def open_alert(self, kind: str, group: str, version: str, feature: str) -> Optional[AlertRecord]: ...
     def list_alerts(self, status: Optional[str] = None, group: Optional[str] = None, limit: int = 200) -> list[AlertRecord]:
         """Most recently updated first."""
+
+    # shared monitoring state (what one replica ingests, every replica aggregates)
+    def put_monitor_windows(self, rows: list[MonitorWindowRecord]) -> None:
+        """Insert or replace each device's window (by device id), keeping a newer stored one."""
+    def list_monitor_windows(self, since: float) -> list[MonitorWindowRecord]: ...
+    def prune_monitor_windows(self, before: float) -> int: ...
+    def save_gate_verdict(self, rollout_id: str, verdict: dict[str, Any], at: float) -> None: ...
+    def get_gate_verdict(self, rollout_id: str) -> Optional[dict[str, Any]]: ...
 

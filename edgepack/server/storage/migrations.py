@@ -2,8 +2,10 @@
 
 Each migration is a list of plain SQL statements (TEXT / INTEGER / REAL columns, no
 vendor extensions) applied in one transaction together with its
-``schema_migrations`` row, so a crash never leaves a half-applied version. A future
-PostgreSQL backend can reuse these statements (REAL → DOUBLE PRECISION aside).
+``schema_migrations`` row, so a crash never leaves a half-applied version. Both
+backends run the same statements; the PostgreSQL backend maps the column types
+(INTEGER → BIGINT, REAL → DOUBLE PRECISION) and also runs ``postgres_only``, the
+tables it needs because it keeps no per-process state (see ``storage.postgres``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class Migration:
     version: int
     name: str
     statements: tuple[str, ...]
+    postgres_only: tuple[str, ...] = ()
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -69,6 +72,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             digest TEXT, status TEXT NOT NULL, message TEXT NOT NULL, value REAL, threshold REAL,
             first_at REAL NOT NULL, last_at REAL NOT NULL, count INTEGER NOT NULL, detail TEXT)""",
         "CREATE INDEX alerts_key ON alerts (kind, grp, version, feature, status)",
+    )),
+    Migration(3, "several server replicas: shared monitoring windows and gate verdicts", (
+        # Each device's latest monitoring summary window, so every replica aggregates the whole fleet.
+        """CREATE TABLE monitor_windows (
+            device_id TEXT PRIMARY KEY, grp TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL, data TEXT NOT NULL)""",
+        "CREATE INDEX monitor_windows_at ON monitor_windows (at)",
+        # The latest ML-gate verdict per rollout (the replica that evaluates writes it; all read it).
+        """CREATE TABLE gate_verdicts (
+            rollout_id TEXT PRIMARY KEY REFERENCES rollouts(id), verdict TEXT NOT NULL, at REAL NOT NULL)""",
+    ), postgres_only=(
+        # Member counts per rollout and state, kept in step with rollout_members by the backend
+        # (SQLite caches them in memory instead); only changed under the rollout's row lock.
+        """CREATE TABLE rollout_member_counts (
+            rollout_id TEXT NOT NULL REFERENCES rollouts(id), state TEXT NOT NULL, n INTEGER NOT NULL,
+            PRIMARY KEY (rollout_id, state))""",
+        """INSERT INTO rollout_member_counts (rollout_id, state, n)
+            SELECT rollout_id, state, COUNT(*) FROM rollout_members GROUP BY rollout_id, state""",
     )),
 )
 

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import ServerError
-from .base import AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, RolloutRecord, StageChange, TokenOwner
+from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
+                   StageChange, TokenOwner)
 from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStorage"]
@@ -74,6 +75,8 @@ def _u(text: Optional[str]) -> Any:
 
 class SqliteStorage:
     """Storage in one SQLite file."""
+
+    inline_safe = True
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -177,6 +180,22 @@ class SqliteStorage:
                 os.close(self._wal_fd)
                 self._wal_fd = None
 
+    # --------------------------------------------------------------------- locks
+    # BEGIN IMMEDIATE takes SQLite's write lock for the whole transaction, so every writer
+    # (in this process or another on the same file) is already serialized: plain reads suffice.
+
+    def lock_device(self, device_id: str) -> Optional[DeviceRecord]:
+        return self.get_device(device_id)
+
+    def lock_rollout(self, rollout_id: str) -> Optional[RolloutRecord]:
+        return self.get_rollout(rollout_id)
+
+    def lock_key(self, key: str) -> None:
+        return None
+
+    def try_lock_key(self, key: str) -> bool:
+        return True
+
     # ---------------------------------------------------------------- migrations
 
     def schema_version(self) -> int:
@@ -187,18 +206,21 @@ class SqliteStorage:
 
     def migrate(self) -> list[int]:
         applied = []
+        # One BEGIN IMMEDIATE transaction around reading the version and applying what is missing: two
+        # processes migrating the same file at once (a server starting during `edgepack server migrate`)
+        # apply each version once, and a crash leaves no half-applied version.
         with self.transaction():
             self._x("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
-        current = self.schema_version()
-        if current > MIGRATIONS[-1].version:
-            raise ServerError(
-                f"The database {self.path} has schema version {current}, newer than this edgepack supports "
-                f"({MIGRATIONS[-1].version}); upgrade edgepack."
-            )
-        for migration in MIGRATIONS:
-            if migration.version > current:
-                self._apply(migration)
-                applied.append(migration.version)
+            current = self.schema_version()
+            if current > MIGRATIONS[-1].version:
+                raise ServerError(
+                    f"The database {self.path} has schema version {current}, newer than this edgepack supports "
+                    f"({MIGRATIONS[-1].version}); upgrade edgepack."
+                )
+            for migration in MIGRATIONS:
+                if migration.version > current:
+                    self._apply(migration)
+                    applied.append(migration.version)
         return applied
 
     def _apply(self, migration: Migration) -> None:
@@ -508,3 +530,32 @@ class SqliteStorage:
         rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts {clause} ORDER BY last_at DESC, id LIMIT ?",
                        (*params, int(limit)))
         return [self._alert(r) for r in rows]
+
+    # ------------------------------------------------------- shared monitoring
+
+    def put_monitor_windows(self, rows: list[MonitorWindowRecord]) -> None:
+        if not rows:
+            return
+        with self.transaction():
+            self._conn.executemany(
+                "INSERT INTO monitor_windows (device_id, grp, digest, at, data) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET grp = excluded.grp, digest = excluded.digest, at = excluded.at, "
+                "data = excluded.data WHERE excluded.at >= monitor_windows.at",
+                [(w.device_id, w.group, w.digest, w.at, _j(w.window)) for w in rows])
+            # Windows are evidence for alerts and gates, rebuilt from devices' next check-ins if lost:
+            # like check-in reports they need no fsync of their own.
+
+    def list_monitor_windows(self, since: float) -> list[MonitorWindowRecord]:
+        rows = self._q("SELECT device_id, grp, digest, at, data FROM monitor_windows WHERE at >= ? ORDER BY device_id", (since,))
+        return [MonitorWindowRecord(r[0], r[1], r[2], r[3], _u(r[4])) for r in rows]
+
+    def prune_monitor_windows(self, before: float) -> int:
+        return self._x("DELETE FROM monitor_windows WHERE at < ?", (before,), durable=False)
+
+    def save_gate_verdict(self, rollout_id: str, verdict: dict[str, Any], at: float) -> None:
+        self._x("INSERT INTO gate_verdicts (rollout_id, verdict, at) VALUES (?, ?, ?) ON CONFLICT (rollout_id) DO UPDATE "
+                "SET verdict = excluded.verdict, at = excluded.at", (rollout_id, _j(verdict), at), durable=False)
+
+    def get_gate_verdict(self, rollout_id: str) -> Optional[dict[str, Any]]:
+        rows = self._q("SELECT verdict FROM gate_verdicts WHERE rollout_id = ?", (rollout_id,))
+        return _u(rows[0][0]) if rows else None

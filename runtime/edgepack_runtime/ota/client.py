@@ -479,7 +479,7 @@ class OtaClient:
                     self.log(f"delta failed ({type(exc).__name__}: {exc}); downloading the full bundle")
                     (self.dir / "delta.partial").unlink(missing_ok=True)
                     self.machine.update(source="full")
-            self._fetch(target["url"], self.partial, target["size"], persist=True)
+            self._fetch_bundle(target)
             if file_sha256(self.partial) != target["digest"]:
                 raise _Failed("verify", f"the downloaded bundle's sha256 does not match the directive's {target['digest'][:12]}….")
             os.replace(self.partial, self.downloaded)
@@ -498,6 +498,29 @@ class OtaClient:
             return None
         self._fire("downloaded", [self._event("downloaded")], source=d.get("source") or "full")
         return None
+
+    def _fetch_bundle(self, target: Dict[str, Any]) -> None:
+        try:
+            self._fetch(target["url"], self.partial, target["size"], persist=True)
+        except Rejected as exc:
+            # Absolute (signed) download URLs expire, e.g. while a download waits to resume: keep
+            # the partial file and its offset, check in once for a fresh URL, and resume with it.
+            if exc.status not in (401, 403, 410) or not str(target["url"]).startswith(("http://", "https://")):
+                raise
+            url = self._fresh_url(target["digest"])
+            if url is None:
+                raise
+            self.log(f"download URL refused ({exc.status}); resuming with a fresh one")
+            self._fetch(url, self.partial, target["size"], persist=True)
+
+    def _fresh_url(self, digest: str) -> Optional[str]:
+        """The bundle URL of a new check-in's directive, if it still names ``digest`` (saved as the target's)."""
+        directive = self.check_in()
+        bundle = directive.get("bundle") if isinstance(directive.get("bundle"), dict) else {}
+        if bundle.get("digest") != digest or not isinstance(bundle.get("url"), str):
+            return None
+        self.machine.update(directive=directive, target={**self.machine.data["target"], "url": bundle["url"]})
+        return bundle["url"]
 
     def _delta_usable(self) -> bool:
         d = self.machine.data

@@ -61,7 +61,11 @@ def _status_error(status: int, body: bytes, what: str) -> BaseException:
 
 
 class HttpClient:
-    """One server, one bearer token. A new connection per call (check-ins are rare)."""
+    """One server, one bearer token. A new connection per call (check-ins are rare).
+
+    Absolute URLs on another origin (signed download URLs on a CDN or front proxy) are
+    fetched too, but without the token: only the configured server ever sees it.
+    """
 
     def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
         parts = urlsplit(base_url)
@@ -74,33 +78,44 @@ class HttpClient:
         self.token = token
         self.timeout = timeout
 
-    def _path(self, url: str) -> str:
+    def _target(self, url: str) -> Tuple[str, str, int, str]:
+        """(scheme, host, port, request target) for a server-relative or absolute URL."""
         if url.startswith(("http://", "https://")):
             parts = urlsplit(url)
-            if (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)) != (self.host, self.port):
-                raise Rejected(f"Refusing to fetch {url}: it is not on the configured server (the token would leak).", 0, "foreign_url")
-            return parts.path + (("?" + parts.query) if parts.query else "")
-        return self.prefix + "/" + url.lstrip("/")
+            if not parts.hostname:
+                raise Rejected(f"Refusing to fetch {url}: the URL has no host.", 0, "bad_url")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            return parts.scheme, parts.hostname, port, (parts.path or "/") + (("?" + parts.query) if parts.query else "")
+        return self.scheme, self.host, self.port, self.prefix + "/" + url.lstrip("/")
 
-    def _connect(self) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=ssl.create_default_context())
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    def _connect(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=ssl.create_default_context())
+        return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
-    def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-        headers = {"Authorization": f"Bearer {self.token}", "User-Agent": USER_AGENT, "Accept": "application/json"}
+    def _headers(self, extra: Optional[Dict[str, str]] = None, token: bool = True) -> Dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {self.token}"
         headers.update(extra or {})
         return headers
 
-    def _send(self, method: str, url: str, body: Optional[bytes], headers: Dict[str, str], what: str):
-        conn = self._connect()
+    def _send(self, method: str, url: str, body: Optional[bytes], extra: Optional[Dict[str, str]], what: str):
+        try:
+            scheme, host, port, target = self._target(url)
+        except ValueError as exc:  # e.g. a non-numeric port
+            raise Rejected(f"Refusing to fetch {url}: {exc}.", 0, "bad_url") from exc
+        # Same origin = same scheme, host and port: the token must never reach a CDN or any
+        # other host named in a directive, even one that shares the server's host name.
+        headers = self._headers(extra, token=(scheme, host, port) == (self.scheme, self.host, self.port))
+        conn = self._connect(scheme, host, port)
         try:
             conn.connect()
         except BaseException as exc:
             conn.close()
             raise _translate(exc, what, sent=False) from exc
         try:
-            conn.request(method, self._path(url), body=body, headers=headers)
+            conn.request(method, target, body=body, headers=headers)
             return conn, conn.getresponse()
         except BaseException as exc:
             conn.close()
@@ -115,8 +130,7 @@ class HttpClient:
         """
         what = f"{method} {url}"
         body = None if obj is None else json.dumps(obj).encode()
-        headers = self._headers({"Content-Type": "application/json"} if body is not None else None)
-        conn, resp = self._send(method, url, body, headers, what)
+        conn, resp = self._send(method, url, body, {"Content-Type": "application/json"} if body is not None else None, what)
         try:
             data = resp.read()
         except BaseException as exc:
@@ -141,7 +155,7 @@ class HttpClient:
         extra = {"Accept": "application/octet-stream"}
         if offset > 0:
             extra["Range"] = f"bytes={offset}-"
-        conn, resp = self._send("GET", url, None, self._headers(extra), what)
+        conn, resp = self._send("GET", url, None, extra, what)
         if resp.status >= 400 and resp.status != 416:
             try:
                 data = resp.read(4096)
