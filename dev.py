@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import venv
@@ -87,20 +88,63 @@ def demo() -> None:
     _run(PY, ROOT / "examples" / "fleet_demo.py", bundle, keys / "digits.pub", ROOT / "out" / "fleet")
 
 
-def system_deps() -> None:
-    """Debian packages the tests drive for real (headless Chromium for the dashboard)."""
+# What the test command exports into pytest's environment (setdefault: a developer can point the
+# tests elsewhere). REQUIRE_* turn "PostgreSQL/nginx not available" from a skip into a failure, so
+# CI cannot go green by silently skipping the fleet-scale tests.
+TEST_ENV = {
+    "EDGEPACK_TEST_POSTGRES_URL": "postgresql://edgepack:edgepack@127.0.0.1:5432/edgepack_test",
+    "EDGEPACK_REQUIRE_POSTGRES": "1",
+    "EDGEPACK_REQUIRE_NGINX": "1",
+}
+
+
+def _postgres_listening(url: str) -> bool:
+    """Whether something accepts TCP connections where the tests' PostgreSQL should be."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _missing_system_deps(env: dict[str, str]) -> list[str]:
+    missing = []
+    if not Path("/usr/bin/chromium").exists():
+        missing.append("chromium")
+    if not any(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
+        missing.append("postgresql")
+    elif not _postgres_listening(env["EDGEPACK_TEST_POSTGRES_URL"]):
+        missing.append("a running PostgreSQL cluster")
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        missing.append("nginx")
+    return missing
+
+
+def system_deps(env: dict[str, str]) -> None:
+    """Debian packages and services the tests drive for real: headless Chromium (dashboard),
+    a PostgreSQL cluster with the test role and database, and nginx (fleet-scale server)."""
     script = ROOT / "ci" / "install-system-deps.sh"
-    if script.exists() and not Path("/usr/bin/chromium").exists():
-        if os.geteuid() != 0:
-            print("Chromium is missing and this is not root: run `sudo bash ci/install-system-deps.sh` first.", flush=True)
-            return
-        _run("bash", script)
+    if os.name != "posix" or not script.exists():
+        return  # Debian packages: nothing this script can do elsewhere
+    if os.geteuid() == 0:
+        _run("bash", script)  # idempotent and ~0.2 s when all is there; also repairs a missing role or database
+        return
+    missing = _missing_system_deps(env)
+    if missing:
+        print(f"Missing {', '.join(missing)} and this is not root: run `sudo bash {script}` first; "
+              "the tests that need them will fail.", flush=True)
 
 
 def test(extra: list[str]) -> None:
     """The whole test suite."""
-    system_deps()
-    _run(PY, "-m", "pytest", *extra)
+    env = dict(os.environ)
+    for key, value in TEST_ENV.items():
+        env.setdefault(key, value)
+    system_deps(env)
+    _run(PY, "-m", "pytest", *extra, env=env)
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,7 @@ from .orchestration import Orchestrator
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
 from .signing import verify_uri
-from .storage import BundleRecord, DeviceRecord, Storage, StorageConflict, TokenOwner
+from .storage import BundleRecord, DeviceRecord, Storage, StorageConflict, StorageUnavailable, TokenOwner
 from .summary import build_summary
 
 __all__ = ["create_app"]
@@ -53,6 +53,8 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _ERRORS = {code: {"model": s.ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)}
 _BUSY = (503, "busy", "Another server replica changed the same records at the same moment and this request was "
          "rolled back (nothing changed); retry it.", {"Retry-After": "1"})
+_NO_DATABASE = (503, "database_unavailable", "The server cannot reach its database right now (nothing changed); "
+                "retry later.", {"Retry-After": "5"})
 
 
 # ------------------------------------------------------------------ body caps
@@ -244,6 +246,10 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
         except StorageConflict:
             await _error_response(*_BUSY)(scope, no_receive, send)
             return True
+        except StorageUnavailable as exc:
+            log.error("%s", exc)
+            await _error_response(*_NO_DATABASE)(scope, no_receive, send)
+            return True
         if out is None:
             return False
         try:
@@ -296,6 +302,11 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
     @app.exception_handler(StorageConflict)
     async def _conflict(_request: Request, exc: StorageConflict) -> JSONResponse:
         return _error_response(*_BUSY)
+
+    @app.exception_handler(StorageUnavailable)
+    async def _no_database(_request: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.error("%s", exc)
+        return _error_response(*_NO_DATABASE)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

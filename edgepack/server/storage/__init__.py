@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
-                   StageChange, Storage, StorageConflict, TokenOwner)
+                   StageChange, Storage, StorageConflict, StorageUnavailable, TokenOwner)
 
 __all__ = [
     "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
-    "TokenOwner", "open_storage", "MonitorWindowRecord", "StorageConflict", "POSTGRES_SCHEMES",
+    "TokenOwner", "open_storage", "MonitorWindowRecord", "StorageConflict", "StorageUnavailable", "POSTGRES_SCHEMES",
 ]
 
 #: URL schemes that name a PostgreSQL database.

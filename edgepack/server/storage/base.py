@@ -24,12 +24,16 @@ from typing import Any, Optional, Protocol, runtime_checkable
 from ...errors import ServerError
 
 
+class StorageUnavailable(ServerError):
+    """The database cannot be reached right now (connection lost, pool exhausted); nothing was committed."""
+
+
 class StorageConflict(ServerError):
     """Two server processes collided on the same rows (e.g. a deadlock); the transaction was
     rolled back and can be retried as a whole."""
 
 __all__ = [
-    "MonitorWindowRecord", "StorageConflict", "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "MonitorWindowRecord", "StorageConflict", "StorageUnavailable", "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
     "TokenOwner",
 ]
 

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from ...errors import ServerError
 from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
-                   RolloutRecord, StageChange, StorageConflict, TokenOwner)
+                   RolloutRecord, StageChange, StorageConflict, StorageUnavailable, TokenOwner)
 from .migrations import MIGRATIONS, Migration
 from .sqlite import _j, _u
 
@@ -87,6 +87,12 @@ class PostgresStorage:
             raise ServerError("PostgreSQL storage needs the 'postgres' extra: pip install 'edgepack[postgres]'.")
         self._local = threading.local()
         self._manifests: dict[str, dict[str, Any]] = {}  # bundle id -> parsed manifest (immutable per id)
+        try:  # one plain connection first: it fails fast with the server's own reason (bad password, no database…)
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
+        except psycopg.Error as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ServerError(f"Cannot connect to the database {self._shown}: {reason}. Check that PostgreSQL is running "
+                              "and the URL's host, port, user, password and database name.") from None
         try:
             self._pool = ConnectionPool(url, min_size=1, max_size=max(2, int(pool_size)), timeout=connect_timeout,
                                         kwargs={"autocommit": True}, open=False, name="edgepack")
@@ -138,11 +144,11 @@ class PostgresStorage:
             with self._pool.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise ServerError(f"No database connection became free in time ({self._shown}); the database is overloaded "
-                              "or unreachable, or the pool is too small for the load.") from exc
+            raise StorageUnavailable(f"No database connection became free in time ({self._shown}); the database is "
+                                     "overloaded or unreachable, or the pool is too small for the load.") from exc
         except psycopg.OperationalError as exc:
-            raise ServerError(f"Lost the connection to the database {self._shown}: {exc}; check that PostgreSQL is "
-                              "running.") from exc
+            raise StorageUnavailable(f"Lost the connection to the database {self._shown}: {exc}; check that PostgreSQL "
+                                     "is running.") from exc
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
@@ -153,8 +159,8 @@ class PostgresStorage:
             raise StorageConflict(f"Another server process changed the same rows ({type(exc).__name__}); "
                                   "the transaction was rolled back, retry it.") from exc
         except psycopg.OperationalError as exc:
-            raise ServerError(f"Lost the connection to the database {self._shown}: {exc}; check that PostgreSQL is "
-                              "running.") from exc
+            raise StorageUnavailable(f"Lost the connection to the database {self._shown}: {exc}; check that PostgreSQL "
+                                     "is running.") from exc
 
     def _run(self, sql: str, params: tuple = (), fetch: bool = True, durable: bool = True) -> Any:
         tx = self._tx()
