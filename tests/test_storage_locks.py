@@ -175,9 +175,15 @@ def test_member_counts_follow_every_member_change(two):
     assert s1.member_counts("r1") == s2.member_counts("r1") == real
 
 
-def test_deadlock_between_replicas_is_a_retryable_conflict(db_url):
-    if not db_url.startswith("postgres"):
-        pytest.skip("SQLite serializes writers: two transactions can never hold locks crosswise")
+def test_deadlock_between_replicas_is_a_retryable_conflict():
+    """PostgreSQL only: SQLite serializes writers, so two transactions never hold locks crosswise there."""
+    from pg import fresh_schema
+
+    with fresh_schema() as db_url:
+        _deadlock(db_url)
+
+
+def _deadlock(db_url):
     s1, s2 = open_storage(db_url), open_storage(db_url)
     try:
         s1.migrate()
