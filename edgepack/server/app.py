@@ -191,13 +191,9 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
         return fn(*args) if storage.inline_safe else await run_in_threadpool(fn, *args)
 
     def checkin_now(device_id: str, token: str, req: s.CheckinRequest) -> Optional[dict]:
-        """The check-in, or None (before any side effect) when the token does not authenticate."""
-        try:
-            found = fleet.authenticate(device_id, token)
-        except ApiError:
-            return None
-        rate_limit(found.id)
-        return fleet.checkin(found.id, req)
+        """The check-in, or None (before any side effect) when the token does not authenticate
+        (checked against the device's row inside the check-in's own transaction)."""
+        return fleet.checkin(device_id, req, token=token, admit=rate_limit)
 
     async def no_receive() -> dict:  # pragma: no cover - responses never read the request
         return {"type": "http.disconnect"}

@@ -120,14 +120,30 @@ class Fleet:
 
     # --------------------------------------------------------------- check-in
 
-    def checkin(self, device_id: str, req: CheckinRequest) -> dict[str, Any]:
-        return _retrying(lambda: self._checkin(device_id, req))
+    def checkin(self, device_id: str, req: CheckinRequest, token: Optional[str] = None,
+                admit: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+        """Apply a check-in and answer its directive.
 
-    def _checkin(self, device_id: str, req: CheckinRequest) -> dict[str, Any]:
+        Args:
+            device_id: The authenticated device, or the claimed one when ``token`` is given.
+            token: Authenticate here, against the locked device row (saves the separate token
+                lookup on the hot path); a token that is not ``device_id``'s returns None and
+                changes nothing.
+            admit: Called with the device id once authenticated, before any change (the rate
+                limit); may raise :class:`ApiError`.
+        """
+        return _retrying(lambda: self._checkin(device_id, req, token, admit))
+
+    def _checkin(self, device_id: str, req: CheckinRequest, token: Optional[str],
+                 admit: Optional[Callable[[str], None]]) -> Optional[dict[str, Any]]:
         now = self.clock()
         current = req.current.digest if req.current else None
         with self.storage.transaction():
             device = self.storage.lock_device(device_id)
+            if token is not None and (device is None or not hmac.compare_digest(device.token_sha256, hash_token(token))):
+                return None  # nothing written yet: the transaction commits empty
+            if admit is not None and device is not None:
+                admit(device.id)
             if device is None:
                 raise _not_found(device_id)
             self._check_seq(device, [req.seq])
@@ -140,23 +156,25 @@ class Fleet:
             )
             self.storage.save_device_report(device)  # only the reported columns (fsync deferred, see storage.sqlite)
             touched: dict[str, RolloutRecord] = {}
-            for member in self.storage.members_of_device(device_id):
-                r = self.storage.get_rollout(member.rollout_id)
-                bundle = self.storage.get_bundle(r.bundle_id) if r else None
+            known: dict[str, Any] = {}  # rollout id -> this device's member record, as of now
+            for member, r in self.storage.memberships_of_device(device_id):
+                known[r.id] = member
+                bundle = self.storage.bundle_ref(r.bundle_id)
                 if bundle is None or self._member_after_checkin(device, member, r, bundle.digest, current, now) is None:
                     continue
                 # A change: decide again on the locked rollout and the member as they are now.
                 r = self.storage.lock_rollout(r.id)
                 member = self.storage.get_member(r.id, device_id)
                 updated = self._member_after_checkin(device, member, r, bundle.digest, current, now)
+                known[r.id] = updated or member
                 if updated is not None:
                     self.storage.save_member(updated)
                     touched[r.id] = r
             for r in touched.values():
                 self.orchestrator.evaluate(r, now)
-            decision, rollout = self.orchestrator.directive_for(device, current)
+            decision, rollout = self.orchestrator.directive_for(device, current, known)
             if rollout is not None:
-                self.orchestrator.evaluate(self.storage.get_rollout(rollout.id), now)
+                self.orchestrator.evaluate(rollout, now)
         if req.summaries and self.monitor is not None:
             self.monitor.ingest(device_id, device.group, current, req.summaries, now)
         return self._directive_body(device_id, decision, rollout, current)
@@ -205,7 +223,7 @@ class Fleet:
                                 "probation": None, "poll_interval_s": self.settings.poll_interval_s}
         if decision.action == "none" or rollout is None:
             return body
-        bundle = self.storage.get_bundle_by_digest(decision.target)
+        bundle = self.storage.bundle_ref_by_digest(decision.target)
         body.update(
             rollout_id=rollout.id,
             bundle={"name": bundle.name, "version": bundle.version, "digest": bundle.digest, "size": bundle.size,
@@ -266,7 +284,7 @@ class Fleet:
                         raise ApiError(422, "unknown_rollout", f"Event seq {e.seq} names rollout {e.rollout_id!r}, which "
                                        "this server does not know (nothing changed).")
                     rollouts[r.id] = r
-                if e.digest is not None and self.storage.get_bundle_by_digest(e.digest) is None:
+                if e.digest is not None and self.storage.bundle_ref_by_digest(e.digest) is None:
                     raise ApiError(422, "unknown_digest", f"Event seq {e.seq} names bundle digest {e.digest[:12]}…, "
                                    "which this server does not know (nothing changed).")
             self.storage.add_events([
@@ -300,9 +318,8 @@ class Fleet:
             return self.storage.get_member(rollout_id, device_id)
         if digest is None:
             return None
-        for member in reversed(self.storage.members_of_device(device_id)):
-            r = self.storage.get_rollout(member.rollout_id)
-            bundle = self.storage.get_bundle(r.bundle_id) if r else None
+        for member, r in reversed(self.storage.memberships_of_device(device_id)):
+            bundle = self.storage.bundle_ref(r.bundle_id)
             if bundle is not None and bundle.digest == digest:
                 return member
         return None

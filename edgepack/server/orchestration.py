@@ -201,23 +201,30 @@ class Orchestrator:
 
     # ---------------------------------------------------------------- directives
 
-    def directive_for(self, device: DeviceRecord, current_digest: Optional[str]) -> tuple[logic.Directive, Optional[RolloutRecord]]:
-        """The directive for a device (inside a transaction); records new memberships."""
+    def directive_for(self, device: DeviceRecord, current_digest: Optional[str],
+                      members: Optional[dict[str, MemberRecord]] = None) -> tuple[logic.Directive, Optional[RolloutRecord]]:
+        """The directive for a device (inside a transaction); records new memberships.
+
+        Args:
+            members: The device's member records by rollout id, current within this transaction,
+                when the caller has them already (saves one query per candidate rollout).
+        """
         rollouts = list(reversed(self.storage.list_rollouts(group=device.group)))
         candidates = rollouts[:1] + [r for r in rollouts[1:] if r.status in (logic.HALTED, logic.ROLLED_BACK)]
         for r in candidates:
-            bundle = self.storage.get_bundle(r.bundle_id)
+            bundle = self.storage.bundle_ref(r.bundle_id)
             if bundle is None:
                 continue
-            decision = self._decide(r, bundle.digest, device.id, current_digest)
+            member = members.get(r.id) if members is not None else self.storage.get_member(r.id, device.id)
+            decision = self._decide(r, bundle.digest, device.id, current_digest, member)
             if decision.join:
                 # Joining the cohort is decided on the locked current row (another replica may have halted
                 # the rollout or moved its step a moment ago), so a device joins at most once, at the right step.
                 r = self.storage.lock_rollout(r.id) or r
-                decision = self._decide(r, bundle.digest, device.id, current_digest)
+                decision = self._decide(r, bundle.digest, device.id, current_digest, self.storage.get_member(r.id, device.id))
             if decision.action == "none":
                 continue
-            if decision.action == "rollback" and self.storage.get_bundle_by_digest(decision.target) is None:
+            if decision.action == "rollback" and self.storage.bundle_ref_by_digest(decision.target) is None:
                 continue  # the server cannot serve a bundle it never received
             now = self.clock()
             if decision.join:
@@ -226,8 +233,9 @@ class Orchestrator:
             return decision, r
         return logic.NONE, None
 
-    def _decide(self, r: RolloutRecord, digest: str, device_id: str, current_digest: Optional[str]) -> logic.Directive:
-        member = self.storage.get_member(r.id, device_id)
+    @staticmethod
+    def _decide(r: RolloutRecord, digest: str, device_id: str, current_digest: Optional[str],
+                member: Optional[MemberRecord]) -> logic.Directive:
         return logic.compute_directive(r.status, digest, r.steps, r.step_index, logic.cohort_position(r.id, device_id),
                                        member_view(member) if member else None, current_digest)
 

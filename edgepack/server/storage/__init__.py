@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
+from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
                    StageChange, Storage, StorageConflict, StorageUnavailable, TokenOwner)
 
 __all__ = [
-    "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "AlertRecord", "BundleRef", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
     "TokenOwner", "open_storage", "MonitorWindowRecord", "StorageConflict", "StorageUnavailable", "POSTGRES_SCHEMES",
 ]
 

@@ -33,7 +33,7 @@ class StorageConflict(ServerError):
     rolled back and can be retried as a whole."""
 
 __all__ = [
-    "MonitorWindowRecord", "StorageConflict", "StorageUnavailable", "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
+    "BundleRef", "MonitorWindowRecord", "StorageConflict", "StorageUnavailable", "AlertRecord", "DriftStat", "BundleRecord", "DeviceRecord", "EventRecord", "MemberRecord", "RolloutRecord", "StageChange", "Storage",
     "TokenOwner",
 ]
 
@@ -49,6 +49,17 @@ class BundleRecord:
     key_id: str
     manifest: dict[str, Any]
     created_at: float
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """What never changes about an uploaded bundle (no stage, no manifest): safe to cache forever,
+    in every replica, because bundle rows are never deleted and these columns never updated."""
+    id: str
+    name: str
+    version: str
+    digest: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -207,6 +218,9 @@ class Storage(Protocol):
     def find_bundle(self, name: str, version: str) -> Optional[BundleRecord]: ...
     def list_bundles(self) -> list[BundleRecord]: ...
     def set_bundle_stage(self, bundle_id: str, stage: str, at: float) -> None: ...
+    def bundle_ref(self, bundle_id: str) -> Optional[BundleRef]:
+        """The immutable part of a bundle (the check-in path's lookup; may be served from a cache)."""
+    def bundle_ref_by_digest(self, digest: str) -> Optional[BundleRef]: ...
     def stage_history(self, bundle_id: str) -> list[StageChange]: ...
 
     # devices (including the per-device event seq, ``last_seq``)
@@ -230,6 +244,8 @@ class Storage(Protocol):
     def member_counts(self, rollout_id: str) -> dict[str, int]:
         """{state: number of members} of a rollout (states with none left out); includes the open transaction."""
     def members_of_device(self, device_id: str) -> list[MemberRecord]: ...
+    def memberships_of_device(self, device_id: str) -> list[tuple[MemberRecord, RolloutRecord]]:
+        """Each of the device's memberships with its rollout, oldest first (one query where possible)."""
     def save_member(self, member: MemberRecord) -> None: ...
     def add_grant(self, device_id: str, digest: str, at: float) -> None: ...
     def has_grant(self, device_id: str, digest: str) -> bool: ...

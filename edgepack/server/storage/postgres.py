@@ -1,8 +1,9 @@
 """PostgreSQL implementation of :class:`~.base.Storage` (psycopg 3 + a connection pool).
 
 Made for several server replicas on one database, so it keeps **no state between
-calls** that another replica could change: every read goes to the database (the only
-cache is the parsed JSON manifest of a bundle, which never changes for a bundle id).
+calls** that another replica could change: every read goes to the database. The only
+caches hold what never changes once written: a bundle's parsed manifest and its
+:class:`BundleRef` (id, name, version, digest, size), by id and by digest.
 
 Transactions: ``transaction()`` checks a connection out of the pool for the calling
 thread and runs ``BEGIN … COMMIT`` on it at READ COMMITTED, so each statement sees
@@ -19,7 +20,9 @@ holding the rollout's row lock, so these rows see no extra contention).
 Durability mirrors the SQLite backend: a transaction that only rewrote a device's
 check-in report commits with ``synchronous_commit = off`` (a crash of the database
 host may lose the last fraction of a second of such reports, never rollout state);
-everything else commits synchronously.
+everything else commits synchronously. The sessions default to ``off`` and a durable
+transaction switches it on just before its COMMIT, so the frequent report-only check-in
+pays no extra round trip; a durable write outside a transaction gets one of its own.
 
 Migrations take a transaction-scoped advisory lock, so replicas that start together
 (or ``edgepack server migrate`` run twice) apply each version exactly once.
@@ -36,7 +39,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from ...errors import ServerError
-from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
+from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
                    RolloutRecord, StageChange, StorageConflict, StorageUnavailable, TokenOwner)
 from .migrations import MIGRATIONS, Migration
 from .sqlite import _j, _u
@@ -66,6 +69,11 @@ def _key_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(b"edgepack:" + key.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
 
 
+def _configure(conn: Any) -> None:
+    """Every pooled session commits asynchronously unless a transaction asks otherwise (module docstring)."""
+    conn.execute("SET synchronous_commit = off")
+
+
 class _Tx:
     __slots__ = ("conn", "depth", "durable")
 
@@ -87,6 +95,7 @@ class PostgresStorage:
             raise ServerError("PostgreSQL storage needs the 'postgres' extra: pip install 'edgepack[postgres]'.")
         self._local = threading.local()
         self._manifests: dict[str, dict[str, Any]] = {}  # bundle id -> parsed manifest (immutable per id)
+        self._refs: dict[str, BundleRef] = {}  # bundle id and digest -> BundleRef (immutable)
         try:  # one plain connection first: it fails fast with the server's own reason (bad password, no database…)
             psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
         except psycopg.Error as exc:
@@ -95,7 +104,8 @@ class PostgresStorage:
                               "and the URL's host, port, user, password and database name.") from None
         try:
             self._pool = ConnectionPool(url, min_size=1, max_size=max(2, int(pool_size)), timeout=connect_timeout,
-                                        kwargs={"autocommit": True}, open=False, name="edgepack")
+                                        kwargs={"autocommit": True}, open=False, name="edgepack",
+                                        configure=_configure)
             self._pool.open(wait=True, timeout=connect_timeout)
         except (psycopg.Error, PoolTimeout) as exc:
             with contextlib.suppress(Exception):
@@ -132,8 +142,8 @@ class PostgresStorage:
                         conn.execute("ROLLBACK")
                     raise
                 with self._translated():
-                    if not tx.durable:
-                        conn.execute("SET LOCAL synchronous_commit = off")
+                    if tx.durable:  # sessions default to off (see the module docstring)
+                        conn.execute("SET LOCAL synchronous_commit = on")
                     conn.execute("COMMIT")
             finally:
                 self._local.tx = None
@@ -164,6 +174,9 @@ class PostgresStorage:
 
     def _run(self, sql: str, params: tuple = (), fetch: bool = True, durable: bool = True) -> Any:
         tx = self._tx()
+        if tx is None and durable:
+            with self.transaction():  # a synchronous commit of its own
+                return self._run(sql, params, fetch, durable)
         if tx is not None:
             if durable:
                 tx.durable = True
@@ -280,6 +293,22 @@ class PostgresStorage:
             self._x("UPDATE bundles SET stage = %s WHERE id = %s", (stage, bundle_id))
             self._x("INSERT INTO stage_history (bundle_id, n, from_stage, to_stage, at) VALUES (%s, %s, %s, %s, %s)",
                     (bundle_id, n, old[0][0], stage, at))
+
+    def _ref(self, where: str, key: str) -> Optional[BundleRef]:
+        found = self._refs.get(key)
+        if found is None:
+            rows = self._q(f"SELECT id, name, version, digest, size FROM bundles WHERE {where}", (key,))
+            if not rows:
+                return None  # not cached: it may be uploaded any moment
+            found = BundleRef(*rows[0])
+            self._refs[found.id] = self._refs[found.digest] = found
+        return found
+
+    def bundle_ref(self, bundle_id: str) -> Optional[BundleRef]:
+        return self._ref("id = %s", bundle_id)
+
+    def bundle_ref_by_digest(self, digest: str) -> Optional[BundleRef]:
+        return self._ref("digest = %s", digest)
 
     def stage_history(self, bundle_id: str) -> list[StageChange]:
         rows = self._q("SELECT bundle_id, from_stage, to_stage, at FROM stage_history WHERE bundle_id = %s ORDER BY n",
@@ -399,6 +428,13 @@ class PostgresStorage:
                        (device_id,))
         return [MemberRecord(*r) for r in rows]
 
+    def memberships_of_device(self, device_id: str) -> list[tuple[MemberRecord, RolloutRecord]]:
+        cols = ", ".join([f"m.{c.strip()}" for c in self._MEMBER_COLS.split(",")]
+                         + [f"r.{c.strip()}" for c in self._ROLLOUT_COLS.split(",")])
+        rows = self._q(f"SELECT {cols} FROM rollout_members m JOIN rollouts r ON r.id = m.rollout_id "
+                       "WHERE m.device_id = %s ORDER BY m.joined_at", (device_id,))
+        return [(MemberRecord(*row[:9]), self._rollout(row[9:])) for row in rows]
+
     def save_member(self, member: MemberRecord) -> None:
         m = member
         with self.transaction():
@@ -424,10 +460,16 @@ class PostgresStorage:
                 (rollout_id, state, delta))
 
     def add_grant(self, device_id: str, digest: str, at: float) -> None:
-        if self._q("SELECT 1 FROM grants WHERE device_id = %s AND digest = %s", (device_id, digest)):
-            return  # already granted: no write (a check-in that only repeats a directive stays report-only)
-        self._x("INSERT INTO grants (device_id, digest, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                (device_id, digest, at))
+        tx = self._tx()
+        if tx is None:
+            with self.transaction():
+                return self.add_grant(device_id, digest, at)
+        # One round trip; only a new grant makes the transaction durable (a check-in that merely
+        # repeats a directive stays report-only).
+        inserted = self._run("INSERT INTO grants (device_id, digest, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                             (device_id, digest, at), fetch=False, durable=False)
+        if inserted:
+            tx.durable = True
 
     def has_grant(self, device_id: str, digest: str) -> bool:
         return bool(self._q("SELECT 1 FROM grants WHERE device_id = %s AND digest = %s", (device_id, digest)))

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import ServerError
-from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
+from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
                    StageChange, TokenOwner)
 from .migrations import MIGRATIONS, Migration
 
@@ -283,6 +283,14 @@ class SqliteStorage:
             self._x("INSERT INTO stage_history (bundle_id, n, from_stage, to_stage, at) VALUES (?, ?, ?, ?, ?)",
                     (bundle_id, n, old[0][0], stage, at))
 
+    def bundle_ref(self, bundle_id: str) -> Optional[BundleRef]:
+        b = self.get_bundle(bundle_id)  # cached by id already
+        return None if b is None else BundleRef(b.id, b.name, b.version, b.digest, b.size)
+
+    def bundle_ref_by_digest(self, digest: str) -> Optional[BundleRef]:
+        b = self.get_bundle_by_digest(digest)
+        return None if b is None else BundleRef(b.id, b.name, b.version, b.digest, b.size)
+
     def stage_history(self, bundle_id: str) -> list[StageChange]:
         rows = self._q("SELECT bundle_id, from_stage, to_stage, at FROM stage_history WHERE bundle_id = ? ORDER BY n", (bundle_id,))
         return [StageChange(*r) for r in rows]
@@ -417,6 +425,15 @@ class SqliteStorage:
     def members_of_device(self, device_id: str) -> list[MemberRecord]:
         rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE device_id = ? ORDER BY joined_at", (device_id,))
         return [MemberRecord(*r) for r in rows]
+
+    def memberships_of_device(self, device_id: str) -> list[tuple[MemberRecord, RolloutRecord]]:
+        with self._lock:
+            out = []
+            for m in self.members_of_device(device_id):
+                r = self.get_rollout(m.rollout_id)
+                if r is not None:
+                    out.append((m, r))
+            return out
 
     def save_member(self, member: MemberRecord) -> None:
         values = astuple(member)
