@@ -39,12 +39,12 @@ WIDTH, HEIGHT = 1400, 1000
 
 
 @pytest.fixture
-def live_server(tmp_path):
-    """(base url, public key used to sign uploads) of a real `edgepack server run` process."""
+def live_server(tmp_path, db_url):
+    """(base url, public key used to sign uploads) of a real `edgepack server run` process (both backends)."""
     priv, pub = keys(tmp_path)
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
-    with running_server(tmp_path, pub, token_file, None) as (base, log_path):
+    with running_server(tmp_path, pub, token_file, {"EDGEPACK_SERVER_DB_URL": db_url}) as (base, log_path):
         yield base, priv
 
 

@@ -104,14 +104,14 @@ def load_on_device(bundle: Path, pub: Path, cache: Path):
 
 
 @pytest.fixture
-def live_server(tmp_path):
+def live_server(tmp_path, db_url):
     priv, pub = keys(tmp_path)
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
     # Fast ticks and windows so a long run fits in a test; no rate limit for 60 devices.
     env = {"EDGEPACK_SERVER_TICK_INTERVAL_S": "0.2", "EDGEPACK_SERVER_MONITOR_WINDOW_S": "120",
            "EDGEPACK_SERVER_DEVICE_RATE_LIMIT": "0", "EDGEPACK_SERVER_POLL_INTERVAL_S": "1",
-           "EDGEPACK_SERVER_DRIFT_RECORD_INTERVAL_S": "0.001"}
+           "EDGEPACK_SERVER_DRIFT_RECORD_INTERVAL_S": "0.001", "EDGEPACK_SERVER_DB_URL": db_url}
     with running_server(tmp_path, pub, token_file, env) as (base, log_path):
         yield base, priv, pub, log_path
 

@@ -126,15 +126,15 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_alerts_deduplicate_and_webhook_retries_with_backoff(tmp_path):
+def test_alerts_deduplicate_and_webhook_retries_with_backoff(tmp_path, db_url):
     from edgepack.server.alerts import Alerter, WebhookSender
     from edgepack.server.settings import ServerSettings
-    from edgepack.server.storage.sqlite import SqliteStorage
+    from edgepack.server.storage import open_storage
 
     _Hook.bodies = []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    storage = SqliteStorage(tmp_path / "db.sqlite")
+    storage = open_storage(db_url)
     storage.migrate()
     settings = ServerSettings.for_tests(tmp_path, "x" * 20)
     hook = WebhookSender(f"http://127.0.0.1:{httpd.server_address[1]}/hook", retries=3, backoff_s=0.05)
@@ -179,7 +179,7 @@ def test_expected_shares_follow_the_device_bucket_convention():
 # ------------------------------------------------------------------ gates (in process)
 
 
-def _gate_setup(tmp_path, gates):
+def _gate_setup(tmp_path, gates, db_url, request):
     from edgepack.server.alerts import Alerter
     from edgepack.server.fleetmon import FleetMonitor
     from edgepack.server.orchestration import Orchestrator
@@ -189,12 +189,13 @@ def _gate_setup(tmp_path, gates):
         DeviceRecord,
         MemberRecord,
         RolloutRecord,
+        open_storage,
     )
-    from edgepack.server.storage.sqlite import SqliteStorage
 
     now = [1000.0]
     clock = lambda: now[0]
-    storage = SqliteStorage(tmp_path / "db.sqlite")
+    storage = open_storage(db_url)
+    request.addfinalizer(storage.close)
     storage.migrate()
     settings = ServerSettings.for_tests(tmp_path, "x" * 20, min_drift_samples=100, min_labels=50)
     old, new = "a" * 64, "b" * 64
@@ -218,9 +219,9 @@ def _summary(digest, classes, shadow=None, labels=()):
                                   for i, (lab, pred) in enumerate(labels)]}}
 
 
-def test_gates_wait_for_evidence_then_pass_or_halt(tmp_path):
+def test_gates_wait_for_evidence_then_pass_or_halt(tmp_path, db_url, request):
     storage, monitor, orch, old, new = _gate_setup(tmp_path, {"max_prediction_shift_psi": 0.25,
-                                                              "min_live_accuracy_vs_previous": True})
+                                                              "min_live_accuracy_vs_previous": True}, db_url, request)
     r = storage.get_rollout("r_1")
     assert monitor.gate_verdict(r)["verdict"] == "wait"
     monitor.ingest("d0", "g", new, _summary(new, {"a": 60, "b": 40}, labels=[("a", "a")] * 60), 1000.0)
@@ -240,8 +241,8 @@ def test_gates_wait_for_evidence_then_pass_or_halt(tmp_path):
     assert storage.get_member("r_1", "d0").failure_code == "live_accuracy"
 
 
-def test_shadow_agreement_gate_fails_below_threshold(tmp_path):
-    storage, monitor, _orch, old, new = _gate_setup(tmp_path, {"min_shadow_agreement": 0.95})
+def test_shadow_agreement_gate_fails_below_threshold(tmp_path, db_url, request):
+    storage, monitor, _orch, old, new = _gate_setup(tmp_path, {"min_shadow_agreement": 0.95}, db_url, request)
     for i in (1, 2):
         monitor.ingest(f"d{i}", "g", old, _summary(old, {"a": 50}, shadow={"digest": new, "predictions": 80,
                                                                              "agreement": 0.7}), 1000.0)

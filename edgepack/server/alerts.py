@@ -5,6 +5,13 @@ same condition only bumps its ``count`` and ``last_at`` (no new log line, no new
 webhook); when the condition clears it is ``resolved``, and a later recurrence opens a
 new alert. Thresholds come from :class:`~.settings.ServerSettings`.
 
+The open alert of a key is looked up in storage on every call (no in-process cache), so
+several server replicas sharing one database de-duplicate against each other: whichever
+replica fires second bumps the first one's alert. The lookup and the write run in one
+transaction; the fleet monitor additionally calls :meth:`Alerter.fire` / :meth:`Alerter.clear`
+only while it holds the cross-replica ``fleet-monitor`` lock, so two replicas never race on
+the same key. The webhook is sent by the replica that opened or resolved the alert.
+
 Webhook delivery (``alert_webhook_url``): one background thread drains a bounded queue
 and POSTs ``{"event": "opened" | "resolved", "alert": {...}}`` as JSON; a failed
 attempt (network error or non-2xx) is retried ``webhook_retries`` times with
@@ -14,6 +21,7 @@ full, new notifications are dropped (and counted) rather than blocking the serve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +30,7 @@ import secrets
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 from .settings import ServerSettings
@@ -118,9 +126,34 @@ class Alerter:
             webhook = WebhookSender(settings.alert_webhook_url, settings.webhook_retries, settings.webhook_backoff_s,
                                     settings.webhook_timeout_s)
         self.webhook = webhook
+        # Serializes this process's own calls (taken inside the transaction, always in that order);
+        # other replicas are handled by the storage transaction and the monitor's lock.
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, str, str, str], AlertRecord] = {
-            (a.kind, a.group, a.version, a.feature): a for a in storage.list_alerts(status=OPEN, limit=100_000)}
+        self._held = threading.local()  # webhooks waiting for the caller's transaction (after_commit)
+
+    @contextlib.contextmanager
+    def after_commit(self) -> Iterator[None]:
+        """Hold back the webhooks of alerts opened or resolved inside this block until it completes.
+
+        Wrap it around the caller's transaction: if that transaction rolls back (the block raises),
+        the alerts were never stored, so nobody is told about them.
+        """
+        self._held.queue = held = []
+        try:
+            yield
+        finally:
+            self._held.queue = None
+        for payload in held:  # reached only when the block completed
+            self.webhook.send(payload)
+
+    def _notify(self, payload: dict) -> None:
+        if self.webhook is None:
+            return
+        held = getattr(self._held, "queue", None)
+        if held is not None:
+            held.append(payload)
+        else:
+            self.webhook.send(payload)
 
     def fire(self, kind: str, group: str, version: str, feature: str, message: str, *, digest: Optional[str] = None,
              value: Optional[float] = None, threshold: Optional[float] = None, detail: Optional[dict] = None,
@@ -128,42 +161,37 @@ class Alerter:
         """Open (or bump) the alert; returns it when it was newly opened, else None."""
         now = self.clock() if now is None else now
         key = (kind, group, version or "", feature or "")
-        with self._lock:
-            found = self._open.get(key)
+        with self.storage.transaction(), self._lock:
+            found = self.storage.open_alert(*key)
             if found is not None:
-                found = dataclasses.replace(found, last_at=now, count=found.count + 1, value=value, message=message,
-                                            detail=detail)
-                self._open[key] = found
-                self.storage.save_alert(found)
+                self.storage.save_alert(dataclasses.replace(found, last_at=now, count=found.count + 1, value=value,
+                                                            message=message, detail=detail))
                 return None
             alert = AlertRecord(id=f"a_{secrets.token_hex(8)}", kind=kind, group=group, version=key[2], feature=key[3],
                                 digest=digest, status=OPEN, message=message, value=value, threshold=threshold,
                                 first_at=now, last_at=now, count=1, detail=detail)
-            self._open[key] = alert
             self.storage.save_alert(alert)
         log.warning("ALERT %s group=%s version=%s%s: %s", kind, group, key[2], f" feature={key[3]}" if key[3] else "",
                     message)
-        if self.webhook is not None:
-            self.webhook.send({"event": "opened", "alert": alert_out(alert)})
+        self._notify({"event": "opened", "alert": alert_out(alert)})
         return alert
 
     def clear(self, kind: str, group: str, version: str, feature: str = "", now: Optional[float] = None) -> Optional[AlertRecord]:
         """Resolve the open alert with this key, if any."""
         key = (kind, group, version or "", feature or "")
-        with self._lock:
-            found = self._open.pop(key, None)
+        with self.storage.transaction(), self._lock:
+            found = self.storage.open_alert(*key)
             if found is None:
                 return None
             found = dataclasses.replace(found, status=RESOLVED, last_at=self.clock() if now is None else now)
             self.storage.save_alert(found)
         log.info("alert resolved: %s group=%s version=%s feature=%s", kind, group, key[2], key[3])
-        if self.webhook is not None:
-            self.webhook.send({"event": "resolved", "alert": alert_out(found)})
+        self._notify({"event": "resolved", "alert": alert_out(found)})
         return found
 
-    def open_alerts(self) -> list[AlertRecord]:
-        with self._lock:
-            return sorted(self._open.values(), key=lambda a: -a.last_at)
+    def open_alerts(self, limit: int = 1000) -> list[AlertRecord]:
+        """The open alerts of every replica, most recently updated first."""
+        return self.storage.list_alerts(status=OPEN, limit=limit)
 
     def close(self) -> None:
         if self.webhook is not None:
