@@ -31,6 +31,7 @@ Migrations take a transaction-scoped advisory lock, so replicas that start toget
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 import threading
@@ -39,10 +40,11 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 from ...errors import ServerError
+from . import _rows as shared
+from ._common import SharedStatements
 from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
-                   RolloutRecord, StageChange, StorageConflict, StorageUnavailable, TokenOwner)
+                   RolloutRecord, StorageConflict, StorageUnavailable)
 from .migrations import MIGRATIONS, Migration
-from .sqlite import _j, _u
 
 __all__ = ["PostgresStorage"]
 
@@ -69,6 +71,12 @@ def _key_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(b"edgepack:" + key.encode("utf-8"), digest_size=8).digest(), "big", signed=True)
 
 
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """The shared statements' ``?`` placeholders as psycopg's ``%s`` (``_common``)."""
+    return sql.replace("?", "%s")
+
+
 def _configure(conn: Any) -> None:
     """Every pooled session commits asynchronously unless a transaction asks otherwise (module docstring)."""
     conn.execute("SET synchronous_commit = off")
@@ -81,10 +89,11 @@ class _Tx:
         self.conn, self.depth, self.durable = conn, 0, False
 
 
-class PostgresStorage:
+class PostgresStorage(SharedStatements):
     """Storage in a PostgreSQL database shared by any number of server processes."""
 
     inline_safe = False  # calls wait on the network and on other replicas' row locks
+    _DRIFT_TIEBREAK = "seq"  # drift_stats' BIGSERIAL (PostgreSQL has no rowid)
 
     def __init__(self, url: str, pool_size: int = 16, connect_timeout: float = 10.0) -> None:
         from . import redact_url
@@ -173,6 +182,7 @@ class PostgresStorage:
                                      "is running.") from exc
 
     def _run(self, sql: str, params: tuple = (), fetch: bool = True, durable: bool = True) -> Any:
+        sql = _pyformat(sql)
         tx = self._tx()
         if tx is None and durable:
             with self.transaction():  # a synchronous commit of its own
@@ -255,7 +265,7 @@ class PostgresStorage:
     def _bundle(self, row: tuple) -> BundleRecord:
         manifest = self._manifests.get(row[0])
         if manifest is None:
-            manifest = _u(self._q("SELECT manifest FROM bundles WHERE id = %s", (row[0],))[0][0])
+            manifest = shared.loads(self._q("SELECT manifest FROM bundles WHERE id = %s", (row[0],))[0][0])
             self._manifests[row[0]] = manifest
         return BundleRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], manifest, row[7])
 
@@ -264,25 +274,15 @@ class PostgresStorage:
             self._x("INSERT INTO bundles (id, name, version, digest, size, stage, key_id, manifest, created_at) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (bundle.id, bundle.name, bundle.version, bundle.digest, bundle.size, bundle.stage, bundle.key_id,
-                     _j(bundle.manifest), bundle.created_at))
+                     shared.dumps(bundle.manifest), bundle.created_at))
             self._x("INSERT INTO stage_history (bundle_id, n, from_stage, to_stage, at) VALUES (%s, 0, NULL, %s, %s)",
                     (bundle.id, bundle.stage, bundle.created_at))
-
-    def _one_bundle(self, where: str, params: tuple) -> Optional[BundleRecord]:
-        rows = self._q(f"SELECT {self._BUNDLE_COLS} FROM bundles WHERE {where}", params)
-        return self._bundle(rows[0]) if rows else None
 
     def get_bundle(self, bundle_id: str) -> Optional[BundleRecord]:
         return self._one_bundle("id = %s", (bundle_id,))
 
     def get_bundle_by_digest(self, digest: str) -> Optional[BundleRecord]:
         return self._one_bundle("digest = %s", (digest,))
-
-    def find_bundle(self, name: str, version: str) -> Optional[BundleRecord]:
-        return self._one_bundle("name = %s AND version = %s", (name, version))
-
-    def list_bundles(self) -> list[BundleRecord]:
-        return [self._bundle(r) for r in self._q(f"SELECT {self._BUNDLE_COLS} FROM bundles ORDER BY created_at, id")]
 
     def set_bundle_stage(self, bundle_id: str, stage: str, at: float) -> None:
         with self.transaction():
@@ -310,91 +310,9 @@ class PostgresStorage:
     def bundle_ref_by_digest(self, digest: str) -> Optional[BundleRef]:
         return self._ref("digest = %s", digest)
 
-    def stage_history(self, bundle_id: str) -> list[StageChange]:
-        rows = self._q("SELECT bundle_id, from_stage, to_stage, at FROM stage_history WHERE bundle_id = %s ORDER BY n",
-                       (bundle_id,))
-        return [StageChange(*r) for r in rows]
-
     # ------------------------------------------------------------------- devices
 
-    _DEVICE_COLS = ("id, grp, tags, profile, token_sha256, created_at, last_seen, last_seq, state, current, previous, "
-                    "health, runtime_version, engines")
-
-    @staticmethod
-    def _device(r: tuple) -> DeviceRecord:
-        return DeviceRecord(r[0], r[1], _u(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], _u(r[9]), _u(r[10]), _u(r[11]),
-                            r[12], _u(r[13]))
-
-    @staticmethod
-    def _device_params(d: DeviceRecord) -> tuple:
-        return (d.id, d.group, _j(d.tags), d.profile, d.token_sha256, d.created_at, d.last_seen, d.last_seq, d.state,
-                _j(d.current), _j(d.previous), _j(d.health), d.runtime_version, _j(d.engines))
-
-    def add_device(self, device: DeviceRecord) -> None:
-        self._x(f"INSERT INTO devices ({self._DEVICE_COLS}) VALUES ({', '.join(['%s'] * 14)})", self._device_params(device))
-
-    def save_device(self, device: DeviceRecord) -> None:
-        cols = [c.strip() for c in self._DEVICE_COLS.split(",")][1:]
-        params = self._device_params(device)
-        if not self._x(f"UPDATE devices SET {', '.join(c + ' = %s' for c in cols)} WHERE id = %s", params[1:] + (device.id,)):
-            raise KeyError(device.id)
-
-    def save_device_report(self, device: DeviceRecord) -> None:
-        d = device
-        changed = self._x("UPDATE devices SET last_seen = %s, last_seq = %s, state = %s, current = %s, previous = %s, "
-                          "health = %s, runtime_version = %s, engines = %s WHERE id = %s",
-                          (d.last_seen, d.last_seq, d.state, _j(d.current), _j(d.previous), _j(d.health),
-                           d.runtime_version, _j(d.engines), d.id), durable=False)
-        if not changed:
-            raise KeyError(device.id)
-
-    def get_device(self, device_id: str) -> Optional[DeviceRecord]:
-        rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE id = %s", (device_id,))
-        return self._device(rows[0]) if rows else None
-
-    def get_device_by_token_hash(self, token_sha256: str) -> Optional[DeviceRecord]:
-        rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE token_sha256 = %s", (token_sha256,))
-        return self._device(rows[0]) if rows else None
-
-    def get_token_owner(self, token_sha256: str) -> Optional[TokenOwner]:
-        rows = self._q("SELECT id, token_sha256 FROM devices WHERE token_sha256 = %s", (token_sha256,))
-        return TokenOwner(rows[0][0], rows[0][1]) if rows else None
-
-    def list_devices(self, group: Optional[str] = None) -> list[DeviceRecord]:
-        if group is None:
-            rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices ORDER BY id")
-        else:
-            rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE grp = %s ORDER BY id", (group,))
-        return [self._device(r) for r in rows]
-
     # ------------------------------------------------------------------ rollouts
-
-    _ROLLOUT_COLS = ("id, bundle_id, grp, steps, soak_seconds, min_devices_succeeded, max_failure_rate, halt_min_count, "
-                     "probation, status, step_index, step_started_at, created_at, updated_at, halt_reasons, history, gates")
-
-    @staticmethod
-    def _rollout(r: tuple) -> RolloutRecord:
-        return RolloutRecord(r[0], r[1], r[2], _u(r[3]), r[4], r[5], r[6], r[7], _u(r[8]), r[9], r[10], r[11], r[12],
-                             r[13], _u(r[14]), _u(r[15]), _u(r[16]) or {})
-
-    @staticmethod
-    def _rollout_params(x: RolloutRecord) -> tuple:
-        return (x.id, x.bundle_id, x.group, _j(x.steps), x.soak_seconds, x.min_devices_succeeded, x.max_failure_rate,
-                x.halt_min_count, _j(x.probation), x.status, x.step_index, x.step_started_at, x.created_at, x.updated_at,
-                _j(x.halt_reasons), _j(x.history), _j(x.gates or {}))
-
-    def add_rollout(self, rollout: RolloutRecord) -> None:
-        self._x(f"INSERT INTO rollouts ({self._ROLLOUT_COLS}) VALUES ({', '.join(['%s'] * 17)})", self._rollout_params(rollout))
-
-    def save_rollout(self, rollout: RolloutRecord) -> None:
-        cols = [c.strip() for c in self._ROLLOUT_COLS.split(",")][1:]
-        params = self._rollout_params(rollout)
-        if not self._x(f"UPDATE rollouts SET {', '.join(c + ' = %s' for c in cols)} WHERE id = %s", params[1:] + (rollout.id,)):
-            raise KeyError(rollout.id)
-
-    def get_rollout(self, rollout_id: str) -> Optional[RolloutRecord]:
-        rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE id = %s", (rollout_id,))
-        return self._rollout(rows[0]) if rows else None
 
     def list_rollouts(self, group: Optional[str] = None, statuses: Optional[list[str]] = None) -> list[RolloutRecord]:
         where, params = [], []
@@ -408,25 +326,9 @@ class PostgresStorage:
         rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts {clause} ORDER BY created_at, id", tuple(params))
         return [self._rollout(r) for r in rows]
 
-    _MEMBER_COLS = "rollout_id, device_id, step_index, state, from_digest, joined_at, updated_at, failure_code, failure_detail"
-
-    def get_member(self, rollout_id: str, device_id: str) -> Optional[MemberRecord]:
-        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = %s AND device_id = %s",
-                       (rollout_id, device_id))
-        return MemberRecord(*rows[0]) if rows else None
-
     def member_counts(self, rollout_id: str) -> dict[str, int]:
         rows = self._q("SELECT state, n FROM rollout_member_counts WHERE rollout_id = %s AND n <> 0", (rollout_id,))
         return {state: int(n) for state, n in rows}
-
-    def list_members(self, rollout_id: str) -> list[MemberRecord]:
-        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = %s ORDER BY device_id", (rollout_id,))
-        return [MemberRecord(*r) for r in rows]
-
-    def members_of_device(self, device_id: str) -> list[MemberRecord]:
-        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE device_id = %s ORDER BY joined_at",
-                       (device_id,))
-        return [MemberRecord(*r) for r in rows]
 
     def memberships_of_device(self, device_id: str) -> list[tuple[MemberRecord, RolloutRecord]]:
         cols = ", ".join([f"m.{c.strip()}" for c in self._MEMBER_COLS.split(",")]
@@ -471,94 +373,27 @@ class PostgresStorage:
         if inserted:
             tx.durable = True
 
-    def has_grant(self, device_id: str, digest: str) -> bool:
-        return bool(self._q("SELECT 1 FROM grants WHERE device_id = %s AND digest = %s", (device_id, digest)))
-
     # -------------------------------------------------------------------- events
-
-    _EVENT_COLS = "device_id, seq, type, rollout_id, digest, version, reason_code, reason_detail, at, received_at"
 
     def add_events(self, events: list[EventRecord]) -> None:
         if events:
-            self._many(f"INSERT INTO events ({self._EVENT_COLS}) VALUES ({', '.join(['%s'] * 10)})",
-                       [(e.device_id, e.seq, e.type, e.rollout_id, e.digest, e.version, e.reason_code, e.reason_detail,
-                         e.at, e.received_at) for e in events])
-
-    def list_events(self, device_id: Optional[str] = None, rollout_id: Optional[str] = None, limit: int = 100) -> list[EventRecord]:
-        where, params = [], []
-        if device_id is not None:
-            where.append("device_id = %s")
-            params.append(device_id)
-        if rollout_id is not None:
-            where.append("rollout_id = %s")
-            params.append(rollout_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._q(f"SELECT {self._EVENT_COLS} FROM events {clause} ORDER BY received_at DESC, seq DESC LIMIT %s",
-                       (*params, int(limit)))
-        return [EventRecord(*r) for r in rows]
+            self._many(shared.insert_sql("events", shared.EVENT_COLS, "%s"), [shared.event_params(e) for e in events])
 
     # --------------------------------------------------------------- monitoring
 
     def set_reference(self, digest: str, reference: dict[str, Any], at: float) -> None:
         self._x("INSERT INTO bundle_references (digest, reference, created_at) VALUES (%s, %s, %s) ON CONFLICT (digest) "
-                "DO UPDATE SET reference = excluded.reference, created_at = excluded.created_at", (digest, _j(reference), at))
+                "DO UPDATE SET reference = excluded.reference, created_at = excluded.created_at", (digest, shared.dumps(reference), at))
 
-    def get_reference(self, digest: str) -> Optional[dict[str, Any]]:
-        rows = self._q("SELECT reference FROM bundle_references WHERE digest = %s", (digest,))
-        return _u(rows[0][0]) if rows else None
+    def add_drift_stats(self, stats: list[DriftStat]) -> None:
+        if stats:
+            self._many(shared.insert_sql("drift_stats", shared.DRIFT_COLS, "%s"), [shared.drift_params(d) for d in stats])
 
-    _DRIFT_COLS = "grp, digest, version, kind, feature, at, value, p_value, n, drifted, detail"
-
-    def add_drift_stats(self, rows: list[DriftStat]) -> None:
-        if rows:
-            self._many(f"INSERT INTO drift_stats ({self._DRIFT_COLS}) VALUES ({', '.join(['%s'] * 11)})",
-                       [(d.group, d.digest, d.version, d.kind, d.feature, d.at, d.value, d.p_value, d.n, int(d.drifted),
-                         _j(d.detail)) for d in rows])
-
-    def list_drift_stats(self, group: Optional[str] = None, version: Optional[str] = None, since: Optional[float] = None,
-                         limit: int = 1000) -> list[DriftStat]:
-        where, params = [], []
-        for col, value in (("grp = %s", group), ("version = %s", version), ("at >= %s", since)):
-            if value is not None:
-                where.append(col)
-                params.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._q(f"SELECT {self._DRIFT_COLS} FROM drift_stats {clause} ORDER BY at DESC, seq DESC LIMIT %s",
-                       (*params, int(limit)))
-        return [DriftStat(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), _u(r[10])) for r in rows]
-
-    def prune_drift_stats(self, before: float) -> int:
-        return self._x("DELETE FROM drift_stats WHERE at < %s", (before,))
-
-    _ALERT_COLS = "id, kind, grp, version, feature, digest, status, message, value, threshold, first_at, last_at, count, detail"
-
-    @staticmethod
-    def _alert(r: tuple) -> AlertRecord:
-        return AlertRecord(*r[:13], _u(r[13]))
+    _UPSERT_ALERT = (shared.insert_sql("alerts", shared.ALERT_COLS, "%s") + " ON CONFLICT (id) DO UPDATE SET "
+                     + ", ".join(f"{c} = excluded.{c}" for c in shared.ALERT_COLS.split(", ")[1:]))
 
     def save_alert(self, alert: AlertRecord) -> None:
-        a = alert
-        cols = [c.strip() for c in self._ALERT_COLS.split(",")]
-        self._x(f"INSERT INTO alerts ({self._ALERT_COLS}) VALUES ({', '.join(['%s'] * 14)}) ON CONFLICT (id) DO UPDATE SET "
-                + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]),
-                (a.id, a.kind, a.group, a.version, a.feature, a.digest, a.status, a.message, a.value, a.threshold,
-                 a.first_at, a.last_at, a.count, _j(a.detail)))
-
-    def open_alert(self, kind: str, group: str, version: str, feature: str) -> Optional[AlertRecord]:
-        rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts WHERE kind = %s AND grp = %s AND version = %s AND feature = %s "
-                       "AND status = 'open' ORDER BY first_at DESC LIMIT 1", (kind, group, version, feature))
-        return self._alert(rows[0]) if rows else None
-
-    def list_alerts(self, status: Optional[str] = None, group: Optional[str] = None, limit: int = 200) -> list[AlertRecord]:
-        where, params = [], []
-        for col, value in (("status = %s", status), ("grp = %s", group)):
-            if value is not None:
-                where.append(col)
-                params.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts {clause} ORDER BY last_at DESC, id LIMIT %s",
-                       (*params, int(limit)))
-        return [self._alert(r) for r in rows]
+        self._x(self._UPSERT_ALERT, shared.alert_params(alert))
 
     # ------------------------------------------------------- shared monitoring
 
@@ -569,20 +404,10 @@ class PostgresStorage:
             self._many("INSERT INTO monitor_windows (device_id, grp, digest, at, data) VALUES (%s, %s, %s, %s, %s) "
                        "ON CONFLICT (device_id) DO UPDATE SET grp = excluded.grp, digest = excluded.digest, at = excluded.at, "
                        "data = excluded.data WHERE excluded.at >= monitor_windows.at",
-                       [(w.device_id, w.group, w.digest, w.at, _j(w.window)) for w in sorted(rows, key=lambda w: w.device_id)],
+                       [(w.device_id, w.group, w.digest, w.at, shared.dumps(w.window)) for w in sorted(rows, key=lambda w: w.device_id)],
                        durable=False)
-
-    def list_monitor_windows(self, since: float) -> list[MonitorWindowRecord]:
-        rows = self._q("SELECT device_id, grp, digest, at, data FROM monitor_windows WHERE at >= %s ORDER BY device_id", (since,))
-        return [MonitorWindowRecord(r[0], r[1], r[2], r[3], _u(r[4])) for r in rows]
-
-    def prune_monitor_windows(self, before: float) -> int:
-        return self._x("DELETE FROM monitor_windows WHERE at < %s", (before,), durable=False)
 
     def save_gate_verdict(self, rollout_id: str, verdict: dict[str, Any], at: float) -> None:
         self._x("INSERT INTO gate_verdicts (rollout_id, verdict, at) VALUES (%s, %s, %s) ON CONFLICT (rollout_id) DO UPDATE "
-                "SET verdict = excluded.verdict, at = excluded.at", (rollout_id, _j(verdict), at), durable=False)
+                "SET verdict = excluded.verdict, at = excluded.at", (rollout_id, shared.dumps(verdict), at), durable=False)
 
-    def get_gate_verdict(self, rollout_id: str) -> Optional[dict[str, Any]]:
-        rows = self._q("SELECT verdict FROM gate_verdicts WHERE rollout_id = %s", (rollout_id,))
-        return _u(rows[0][0]) if rows else None

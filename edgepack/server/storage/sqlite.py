@@ -28,7 +28,6 @@ records are cached by id the same way (dropped on a stage change or a rollback).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -39,41 +38,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import ServerError
-from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord, RolloutRecord,
-                   StageChange, TokenOwner)
+from . import _rows as shared
+from ._common import SharedStatements
+from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
+                   RolloutRecord)
 from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStorage"]
 
 
-def _j(value: Any) -> Optional[str]:
-    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+_j, _u = shared.dumps, shared.loads
 
 
-try:  # optional (the server extra): ~5x faster parsing of the JSON columns read on every check-in
-    from orjson import loads as _fast_loads
-except ImportError:  # pragma: no cover - without orjson the stdlib parses everything
-    _fast_loads = json.loads
-
-
-# orjson turns integers beyond 64 bits into floats: texts with a run of 19+ digits go to json.loads
-# (digits mapped to "0", then a substring search: ~10x cheaper than a regular expression).
-_DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")
-_19_DIGITS = b"0" * 19
-
-
-def _u(text: Optional[str]) -> Any:
-    if text is None:
-        return None
-    if _19_DIGITS not in text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_0):
-        try:
-            return _fast_loads(text)
-        except ValueError:  # what orjson refuses but json.dumps may have written (NaN, Infinity, lone surrogates)
-            pass
-    return json.loads(text)
-
-
-class SqliteStorage:
+class SqliteStorage(SharedStatements):
     """Storage in one SQLite file."""
 
     inline_safe = True
@@ -246,10 +223,6 @@ class SqliteStorage:
             self._x("INSERT INTO stage_history (bundle_id, n, from_stage, to_stage, at) VALUES (?, 0, NULL, ?, ?)",
                     (bundle.id, bundle.stage, bundle.created_at))
 
-    def _one_bundle(self, where: str, params: tuple) -> Optional[BundleRecord]:
-        rows = self._q(f"SELECT {self._BUNDLE_COLS} FROM bundles WHERE {where}", params)
-        return self._bundle(rows[0]) if rows else None
-
     def get_bundle(self, bundle_id: str) -> Optional[BundleRecord]:
         # Read on every check-in (several times); the manifest is the costly part to parse.
         with self._lock:
@@ -265,12 +238,6 @@ class SqliteStorage:
         with self._lock:
             rows = self._q("SELECT id FROM bundles WHERE digest = ?", (digest,))
             return self.get_bundle(rows[0][0]) if rows else None
-
-    def find_bundle(self, name: str, version: str) -> Optional[BundleRecord]:
-        return self._one_bundle("name = ? AND version = ?", (name, version))
-
-    def list_bundles(self) -> list[BundleRecord]:
-        return [self._bundle(r) for r in self._q(f"SELECT {self._BUNDLE_COLS} FROM bundles ORDER BY created_at, id")]
 
     def set_bundle_stage(self, bundle_id: str, stage: str, at: float) -> None:
         with self.transaction():
@@ -291,92 +258,9 @@ class SqliteStorage:
         b = self.get_bundle_by_digest(digest)
         return None if b is None else BundleRef(b.id, b.name, b.version, b.digest, b.size)
 
-    def stage_history(self, bundle_id: str) -> list[StageChange]:
-        rows = self._q("SELECT bundle_id, from_stage, to_stage, at FROM stage_history WHERE bundle_id = ? ORDER BY n", (bundle_id,))
-        return [StageChange(*r) for r in rows]
-
     # ------------------------------------------------------------------- devices
 
-    _DEVICE_COLS = ("id, grp, tags, profile, token_sha256, created_at, last_seen, last_seq, state, current, previous, "
-                    "health, runtime_version, engines")
-
-    @staticmethod
-    def _device(r: tuple) -> DeviceRecord:
-        return DeviceRecord(r[0], r[1], _u(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], _u(r[9]), _u(r[10]), _u(r[11]),
-                            r[12], _u(r[13]))
-
-    @staticmethod
-    def _device_params(d: DeviceRecord) -> tuple:
-        return (d.id, d.group, _j(d.tags), d.profile, d.token_sha256, d.created_at, d.last_seen, d.last_seq, d.state,
-                _j(d.current), _j(d.previous), _j(d.health), d.runtime_version, _j(d.engines))
-
-    def add_device(self, device: DeviceRecord) -> None:
-        self._x(f"INSERT INTO devices ({self._DEVICE_COLS}) VALUES ({', '.join('?' * 14)})", self._device_params(device))
-
-    def save_device(self, device: DeviceRecord) -> None:
-        cols = [c.strip() for c in self._DEVICE_COLS.split(",")][1:]
-        params = self._device_params(device)
-        changed = self._x(f"UPDATE devices SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?", params[1:] + (device.id,))
-        if not changed:
-            raise KeyError(device.id)
-
-    _REPORT_SQL = ("UPDATE devices SET last_seen = ?, last_seq = ?, state = ?, current = ?, previous = ?, health = ?, "
-                   "runtime_version = ?, engines = ? WHERE id = ?")
-
-    def save_device_report(self, device: DeviceRecord) -> None:
-        d = device
-        changed = self._x(self._REPORT_SQL, (d.last_seen, d.last_seq, d.state, _j(d.current), _j(d.previous), _j(d.health),
-                                             d.runtime_version, _j(d.engines), d.id), durable=False)
-        if not changed:
-            raise KeyError(device.id)
-
-    def get_device(self, device_id: str) -> Optional[DeviceRecord]:
-        rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE id = ?", (device_id,))
-        return self._device(rows[0]) if rows else None
-
-    def get_device_by_token_hash(self, token_sha256: str) -> Optional[DeviceRecord]:
-        rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE token_sha256 = ?", (token_sha256,))
-        return self._device(rows[0]) if rows else None
-
-    def get_token_owner(self, token_sha256: str) -> Optional[TokenOwner]:
-        rows = self._q("SELECT id, token_sha256 FROM devices WHERE token_sha256 = ?", (token_sha256,))
-        return TokenOwner(rows[0][0], rows[0][1]) if rows else None
-
-    def list_devices(self, group: Optional[str] = None) -> list[DeviceRecord]:
-        if group is None:
-            rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices ORDER BY id")
-        else:
-            rows = self._q(f"SELECT {self._DEVICE_COLS} FROM devices WHERE grp = ? ORDER BY id", (group,))
-        return [self._device(r) for r in rows]
-
     # ------------------------------------------------------------------ rollouts
-
-    _ROLLOUT_COLS = ("id, bundle_id, grp, steps, soak_seconds, min_devices_succeeded, max_failure_rate, halt_min_count, "
-                     "probation, status, step_index, step_started_at, created_at, updated_at, halt_reasons, history, gates")
-
-    @staticmethod
-    def _rollout(r: tuple) -> RolloutRecord:
-        return RolloutRecord(r[0], r[1], r[2], _u(r[3]), r[4], r[5], r[6], r[7], _u(r[8]), r[9], r[10], r[11], r[12],
-                             r[13], _u(r[14]), _u(r[15]), _u(r[16]) or {})
-
-    @staticmethod
-    def _rollout_params(x: RolloutRecord) -> tuple:
-        return (x.id, x.bundle_id, x.group, _j(x.steps), x.soak_seconds, x.min_devices_succeeded, x.max_failure_rate,
-                x.halt_min_count, _j(x.probation), x.status, x.step_index, x.step_started_at, x.created_at, x.updated_at,
-                _j(x.halt_reasons), _j(x.history), _j(x.gates or {}))
-
-    def add_rollout(self, rollout: RolloutRecord) -> None:
-        self._x(f"INSERT INTO rollouts ({self._ROLLOUT_COLS}) VALUES ({', '.join('?' * 17)})", self._rollout_params(rollout))
-
-    def save_rollout(self, rollout: RolloutRecord) -> None:
-        cols = [c.strip() for c in self._ROLLOUT_COLS.split(",")][1:]
-        params = self._rollout_params(rollout)
-        if not self._x(f"UPDATE rollouts SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?", params[1:] + (rollout.id,)):
-            raise KeyError(rollout.id)
-
-    def get_rollout(self, rollout_id: str) -> Optional[RolloutRecord]:
-        rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE id = ?", (rollout_id,))
-        return self._rollout(rows[0]) if rows else None
 
     def list_rollouts(self, group: Optional[str] = None, statuses: Optional[list[str]] = None) -> list[RolloutRecord]:
         where, params = [], []
@@ -389,13 +273,6 @@ class SqliteStorage:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts {clause} ORDER BY created_at, id", tuple(params))
         return [self._rollout(r) for r in rows]
-
-    _MEMBER_COLS = "rollout_id, device_id, step_index, state, from_digest, joined_at, updated_at, failure_code, failure_detail"
-
-    def get_member(self, rollout_id: str, device_id: str) -> Optional[MemberRecord]:
-        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = ? AND device_id = ?",
-                       (rollout_id, device_id))
-        return MemberRecord(*rows[0]) if rows else None
 
     def _check_data_version(self) -> None:
         """Drop the caches when another connection committed (under the lock)."""
@@ -417,14 +294,6 @@ class SqliteStorage:
                 self._counts[rollout_id] = base
             out = {k: base.get(k, 0) + pending.get(k, 0) for k in set(base) | set(pending)}
             return {k: n for k, n in out.items() if n}
-
-    def list_members(self, rollout_id: str) -> list[MemberRecord]:
-        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = ? ORDER BY device_id", (rollout_id,))
-        return [MemberRecord(*r) for r in rows]
-
-    def members_of_device(self, device_id: str) -> list[MemberRecord]:
-        rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE device_id = ? ORDER BY joined_at", (device_id,))
-        return [MemberRecord(*r) for r in rows]
 
     def memberships_of_device(self, device_id: str) -> list[tuple[MemberRecord, RolloutRecord]]:
         with self._lock:
@@ -458,30 +327,12 @@ class SqliteStorage:
                 return  # already granted: no write (a check-in that only repeats a directive stays report-only)
             self._x("INSERT OR IGNORE INTO grants (device_id, digest, at) VALUES (?, ?, ?)", (device_id, digest, at))
 
-    def has_grant(self, device_id: str, digest: str) -> bool:
-        return bool(self._q("SELECT 1 FROM grants WHERE device_id = ? AND digest = ?", (device_id, digest)))
-
     # -------------------------------------------------------------------- events
-
-    _EVENT_COLS = "device_id, seq, type, rollout_id, digest, version, reason_code, reason_detail, at, received_at"
 
     def add_events(self, events: list[EventRecord]) -> None:
         with self.transaction():
             for e in events:
-                self._x(f"INSERT INTO events ({self._EVENT_COLS}) VALUES ({', '.join('?' * 10)})", astuple(e))
-
-    def list_events(self, device_id: Optional[str] = None, rollout_id: Optional[str] = None, limit: int = 100) -> list[EventRecord]:
-        where, params = [], []
-        if device_id is not None:
-            where.append("device_id = ?")
-            params.append(device_id)
-        if rollout_id is not None:
-            where.append("rollout_id = ?")
-            params.append(rollout_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._q(f"SELECT {self._EVENT_COLS} FROM events {clause} ORDER BY received_at DESC, seq DESC LIMIT ?",
-                       (*params, int(limit)))
-        return [EventRecord(*r) for r in rows]
+                self._x(shared.insert_sql("events", shared.EVENT_COLS, "?"), shared.event_params(e))
 
     # --------------------------------------------------------------- monitoring
 
@@ -489,64 +340,16 @@ class SqliteStorage:
         self._x("INSERT OR REPLACE INTO bundle_references (digest, reference, created_at) VALUES (?, ?, ?)",
                 (digest, _j(reference), at))
 
-    def get_reference(self, digest: str) -> Optional[dict[str, Any]]:
-        rows = self._q("SELECT reference FROM bundle_references WHERE digest = ?", (digest,))
-        return _u(rows[0][0]) if rows else None
-
-    _DRIFT_COLS = "grp, digest, version, kind, feature, at, value, p_value, n, drifted, detail"
-
-    def add_drift_stats(self, rows: list[DriftStat]) -> None:
-        if not rows:
+    def add_drift_stats(self, stats: list[DriftStat]) -> None:
+        if not stats:
             return
         with self.transaction():
-            self._conn.executemany(
-                f"INSERT INTO drift_stats ({self._DRIFT_COLS}) VALUES ({', '.join('?' * 11)})",
-                [(d.group, d.digest, d.version, d.kind, d.feature, d.at, d.value, d.p_value, d.n, int(d.drifted),
-                  _j(d.detail)) for d in rows])
+            self._conn.executemany(shared.insert_sql("drift_stats", shared.DRIFT_COLS, "?"), [shared.drift_params(d) for d in stats])
             self._durable = True
 
-    def list_drift_stats(self, group: Optional[str] = None, version: Optional[str] = None, since: Optional[float] = None,
-                         limit: int = 1000) -> list[DriftStat]:
-        where, params = [], []
-        for col, value in (("grp = ?", group), ("version = ?", version), ("at >= ?", since)):
-            if value is not None:
-                where.append(col)
-                params.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._q(f"SELECT {self._DRIFT_COLS} FROM drift_stats {clause} ORDER BY at DESC, rowid DESC LIMIT ?",
-                       (*params, int(limit)))
-        return [DriftStat(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), _u(r[10])) for r in rows]
-
-    def prune_drift_stats(self, before: float) -> int:
-        return self._x("DELETE FROM drift_stats WHERE at < ?", (before,))
-
-    _ALERT_COLS = "id, kind, grp, version, feature, digest, status, message, value, threshold, first_at, last_at, count, detail"
-
-    @staticmethod
-    def _alert(r: tuple) -> AlertRecord:
-        return AlertRecord(*r[:13], _u(r[13]))
-
     def save_alert(self, alert: AlertRecord) -> None:
-        a = alert
-        self._x(f"INSERT OR REPLACE INTO alerts ({self._ALERT_COLS}) VALUES ({', '.join('?' * 14)})",
-                (a.id, a.kind, a.group, a.version, a.feature, a.digest, a.status, a.message, a.value, a.threshold,
-                 a.first_at, a.last_at, a.count, _j(a.detail)))
-
-    def open_alert(self, kind: str, group: str, version: str, feature: str) -> Optional[AlertRecord]:
-        rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts WHERE kind = ? AND grp = ? AND version = ? AND feature = ? "
-                       "AND status = 'open' ORDER BY first_at DESC LIMIT 1", (kind, group, version, feature))
-        return self._alert(rows[0]) if rows else None
-
-    def list_alerts(self, status: Optional[str] = None, group: Optional[str] = None, limit: int = 200) -> list[AlertRecord]:
-        where, params = [], []
-        for col, value in (("status = ?", status), ("grp = ?", group)):
-            if value is not None:
-                where.append(col)
-                params.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._q(f"SELECT {self._ALERT_COLS} FROM alerts {clause} ORDER BY last_at DESC, id LIMIT ?",
-                       (*params, int(limit)))
-        return [self._alert(r) for r in rows]
+        self._x(shared.insert_sql("alerts", shared.ALERT_COLS, "?").replace("INSERT", "INSERT OR REPLACE", 1),
+                shared.alert_params(alert))
 
     # ------------------------------------------------------- shared monitoring
 
@@ -562,17 +365,7 @@ class SqliteStorage:
             # Windows are evidence for alerts and gates, rebuilt from devices' next check-ins if lost:
             # like check-in reports they need no fsync of their own.
 
-    def list_monitor_windows(self, since: float) -> list[MonitorWindowRecord]:
-        rows = self._q("SELECT device_id, grp, digest, at, data FROM monitor_windows WHERE at >= ? ORDER BY device_id", (since,))
-        return [MonitorWindowRecord(r[0], r[1], r[2], r[3], _u(r[4])) for r in rows]
-
-    def prune_monitor_windows(self, before: float) -> int:
-        return self._x("DELETE FROM monitor_windows WHERE at < ?", (before,), durable=False)
-
     def save_gate_verdict(self, rollout_id: str, verdict: dict[str, Any], at: float) -> None:
         self._x("INSERT INTO gate_verdicts (rollout_id, verdict, at) VALUES (?, ?, ?) ON CONFLICT (rollout_id) DO UPDATE "
                 "SET verdict = excluded.verdict, at = excluded.at", (rollout_id, _j(verdict), at), durable=False)
 
-    def get_gate_verdict(self, rollout_id: str) -> Optional[dict[str, Any]]:
-        rows = self._q("SELECT verdict FROM gate_verdicts WHERE rollout_id = ?", (rollout_id,))
-        return _u(rows[0][0]) if rows else None
