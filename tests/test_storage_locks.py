@@ -212,3 +212,24 @@ def _deadlock(db_url):
     finally:
         s1.close()
         s2.close()
+
+
+def test_checkins_read_only_the_rollouts_that_can_direct_them(db_url):
+    """A group's rollout history grows with every release; a check-in must not load all of it."""
+    storage = open_storage(db_url)
+    try:
+        storage.migrate()
+        _world(storage)  # r1: active, oldest
+        now = time.time()
+        statuses = {"r2": logic.HALTED, "r3": logic.COMPLETED, "r4": logic.ROLLED_BACK, "r5": logic.ABORTED,
+                    "r6": logic.COMPLETED}
+        for i, (rid, status) in enumerate(statuses.items()):
+            storage.add_rollout(RolloutRecord(rid, "b_new", "g", [100.0], 0.0, 1, 0.5, 1, {}, status, 0, now, now + i,
+                                              now + i))
+        storage.add_rollout(RolloutRecord("x1", "b_new", "other", [100.0], 0.0, 1, 0.5, 1, {}, logic.HALTED, 0, now,
+                                          now + 99, now + 99))
+        assert [r.id for r in storage.directive_rollouts("g")] == ["r2", "r4", "r6"]  # halted, rolled back, newest
+        assert [r.id for r in storage.directive_rollouts("other")] == ["x1"]
+        assert storage.directive_rollouts("empty") == []
+    finally:
+        storage.close()

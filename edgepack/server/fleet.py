@@ -26,7 +26,7 @@ from . import rollout as logic
 from .blobs import BlobStore
 from .delta import ensure_delta
 from .http_errors import ApiError
-from .orchestration import Orchestrator
+from .orchestration import Orchestrator, may_advance
 from .schemas import CheckinRequest, DeviceCreate, DeviceUpdate, EventsRequest
 from .settings import ServerSettings, hash_token
 from .signing import sign_url
@@ -173,7 +173,9 @@ class Fleet:
             for r in touched.values():
                 self.orchestrator.evaluate(r, now)
             decision, rollout = self.orchestrator.directive_for(device, current, known)
-            if rollout is not None:
+            # A join adds a DIRECTED member (it can only lower the failure rate): what may be due now is
+            # an advance, and only once the soak time is over.
+            if rollout is not None and may_advance(rollout, now):
                 self.orchestrator.evaluate(rollout, now)
         if req.summaries and self.monitor is not None:
             self.monitor.ingest(device_id, device.group, current, req.summaries, now)

@@ -42,6 +42,12 @@ def member_view(m: MemberRecord) -> logic.MemberView:
     return logic.MemberView(m.device_id, m.step_index, m.state, m.failure_code, m.from_digest)
 
 
+def may_advance(r: RolloutRecord, now: float) -> bool:
+    """Whether ``r`` could advance now (active and its soak time over). Without a member change
+    nothing else can change a rollout, so a check-in that changed no member evaluates only then."""
+    return r.status == logic.ACTIVE and r.soak_seconds - (now - r.step_started_at) <= 0
+
+
 def decision_due(r: RolloutRecord, policy: logic.Policy, counts: dict[str, int], now: float) -> bool:
     """False when :meth:`Orchestrator.evaluate` would surely leave ``r`` unchanged, judged from the
     member counts alone (the same thresholds as ``logic.halt_decision`` / ``logic.advance_decision``)."""
@@ -209,7 +215,7 @@ class Orchestrator:
             members: The device's member records by rollout id, current within this transaction,
                 when the caller has them already (saves one query per candidate rollout).
         """
-        rollouts = list(reversed(self.storage.list_rollouts(group=device.group)))
+        rollouts = list(reversed(self.storage.directive_rollouts(device.group)))
         candidates = rollouts[:1] + [r for r in rollouts[1:] if r.status in (logic.HALTED, logic.ROLLED_BACK)]
         for r in candidates:
             bundle = self.storage.bundle_ref(r.bundle_id)

@@ -102,6 +102,12 @@ class SharedStatements:
         rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE id = ?", (rollout_id,))
         return self._rollout(rows[0]) if rows else None
 
+    def directive_rollouts(self, group: str) -> list[RolloutRecord]:
+        rows = self._q(f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE grp = ? AND (status IN ('halted', 'rolled_back') "
+                       "OR id = (SELECT id FROM rollouts WHERE grp = ? ORDER BY created_at DESC, id DESC LIMIT 1)) "
+                       "ORDER BY created_at, id", (group, group))
+        return [self._rollout(r) for r in rows]
+
     def get_member(self, rollout_id: str, device_id: str) -> Optional[MemberRecord]:
         rows = self._q(f"SELECT {self._MEMBER_COLS} FROM rollout_members WHERE rollout_id = ? AND device_id = ?",
                        (rollout_id, device_id))
