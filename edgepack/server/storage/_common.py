@@ -9,11 +9,14 @@ What differs between the backends (caches, locks, upserts, counts) stays in each
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
+from ...errors import ServerError
 from . import _rows as shared
 from .base import (AlertRecord, BundleRecord, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
                    RolloutRecord, StageChange, TokenOwner)
+from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SharedStatements"]
 
@@ -40,6 +43,44 @@ class SharedStatements:
 
     def _bundle(self, row: tuple) -> BundleRecord:  # pragma: no cover - interface
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- migrations
+
+    _shown: str  # the database as named in messages (no password)
+    _MIGRATIONS_TABLE: str  # CREATE TABLE IF NOT EXISTS schema_migrations, in the backend's types
+
+    def schema_version(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def transaction(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _lock_migrations(self) -> None:
+        """Keep other processes out of the migration transaction (SQLite: BEGIN IMMEDIATE already does)."""
+
+    def _migration_statements(self, migration: Migration) -> tuple[str, ...]:
+        return migration.statements
+
+    def migrate(self) -> list[int]:
+        applied: list[int] = []
+        # One transaction around reading the version and applying what is missing: processes that migrate
+        # at once (replicas starting together, a server starting during `edgepack server migrate`) apply
+        # each version once, and a crash leaves no half-applied version (DDL is transactional in both).
+        with self.transaction():
+            self._lock_migrations()
+            self._x(self._MIGRATIONS_TABLE)
+            current = self.schema_version()
+            if current > MIGRATIONS[-1].version:
+                raise ServerError(f"The database {self._shown} has schema version {current}, newer than this edgepack "
+                                  f"supports ({MIGRATIONS[-1].version}); upgrade edgepack.")
+            for migration in MIGRATIONS:
+                if migration.version > current:
+                    for statement in self._migration_statements(migration):
+                        self._x(statement)
+                    self._x("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                            (migration.version, migration.name, time.time()))
+                    applied.append(migration.version)
+        return applied
 
     # ------------------------------------------------------------------- bundles
 

@@ -35,7 +35,6 @@ import functools
 import hashlib
 import re
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -44,7 +43,7 @@ from . import _rows as shared
 from ._common import SharedStatements
 from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
                    RolloutRecord, StorageConflict, StorageUnavailable)
-from .migrations import MIGRATIONS, Migration
+from .migrations import Migration
 
 __all__ = ["PostgresStorage"]
 
@@ -236,27 +235,14 @@ class PostgresStorage(SharedStatements):
             return 0
         return int(self._q("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
 
-    def migrate(self) -> list[int]:
-        applied: list[int] = []
-        with self.transaction():  # DDL is transactional here: all pending versions or none
-            self._q("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            self._x("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
-                    "applied_at DOUBLE PRECISION NOT NULL)")
-            current = self.schema_version()
-            if current > MIGRATIONS[-1].version:
-                raise ServerError(f"The database {self._shown} has schema version {current}, newer than this edgepack "
-                                  f"supports ({MIGRATIONS[-1].version}); upgrade edgepack.")
-            for migration in MIGRATIONS:
-                if migration.version > current:
-                    self._apply(migration)
-                    applied.append(migration.version)
-        return applied
+    _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, "
+                         "applied_at DOUBLE PRECISION NOT NULL)")
 
-    def _apply(self, migration: Migration) -> None:
-        for statement in migration.statements + migration.postgres_only:
-            self._x(_pg_types(statement))
-        self._x("INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
-                (migration.version, migration.name, time.time()))
+    def _lock_migrations(self) -> None:
+        self._q("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+
+    def _migration_statements(self, migration: Migration) -> tuple[str, ...]:
+        return tuple(_pg_types(s) for s in migration.statements + migration.postgres_only)
 
     # ------------------------------------------------------------------- bundles
 

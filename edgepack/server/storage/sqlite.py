@@ -31,7 +31,6 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import astuple, fields
 from pathlib import Path
@@ -42,7 +41,6 @@ from . import _rows as shared
 from ._common import SharedStatements
 from .base import (AlertRecord, BundleRecord, BundleRef, DeviceRecord, DriftStat, EventRecord, MemberRecord, MonitorWindowRecord,
                    RolloutRecord)
-from .migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStorage"]
 
@@ -57,6 +55,7 @@ class SqliteStorage(SharedStatements):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._shown = str(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
@@ -181,31 +180,8 @@ class SqliteStorage(SharedStatements):
             return 0
         return self._q("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0]
 
-    def migrate(self) -> list[int]:
-        applied = []
-        # One BEGIN IMMEDIATE transaction around reading the version and applying what is missing: two
-        # processes migrating the same file at once (a server starting during `edgepack server migrate`)
-        # apply each version once, and a crash leaves no half-applied version.
-        with self.transaction():
-            self._x("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
-            current = self.schema_version()
-            if current > MIGRATIONS[-1].version:
-                raise ServerError(
-                    f"The database {self.path} has schema version {current}, newer than this edgepack supports "
-                    f"({MIGRATIONS[-1].version}); upgrade edgepack."
-                )
-            for migration in MIGRATIONS:
-                if migration.version > current:
-                    self._apply(migration)
-                    applied.append(migration.version)
-        return applied
-
-    def _apply(self, migration: Migration) -> None:
-        with self.transaction():
-            for statement in migration.statements:
-                self._x(statement)
-            self._x("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.name, time.time()))
+    _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                         "applied_at REAL NOT NULL)")
 
     # ------------------------------------------------------------------- bundles
 
