@@ -203,12 +203,24 @@ def _drive(devices: list[SimDevice], urls: list[str], rollout_id: str, target: d
             c.close()
 
 
-def _run_threads(devices: list[SimDevice], n_threads: int, **kwargs) -> list[threading.Thread]:
-    threads = [threading.Thread(target=_drive, args=(devices[i::n_threads],), kwargs=kwargs, daemon=True)
+@contextlib.contextmanager
+def driving(devices: list[SimDevice], n_threads: int, stop: threading.Event, **kwargs) -> Iterator[None]:
+    """``n_threads`` threads run :func:`_drive` over slices of ``devices`` until the block ends."""
+    threads = [threading.Thread(target=_drive, args=(devices[i::n_threads],), kwargs={"stop": stop, **kwargs}, daemon=True)
                for i in range(n_threads)]
     for t in threads:
         t.start()
-    return threads
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+
+def _wait_completed(admin: httpx.Client, rid: str, devices: list[SimDevice], target: dict) -> None:
+    _wait("every device on the new version", lambda: all(d.current["digest"] == target["digest"] for d in devices), 90)
+    _wait("the rollout to complete", lambda: admin.get(f"/v1/admin/rollouts/{rid}").json()["status"] == "completed", 30)
 
 
 def _wait(what: str, predicate, timeout: float) -> None:
@@ -235,15 +247,8 @@ def test_concurrent_checkins_on_two_replicas_advance_each_step_exactly_once(tmp_
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
         stop, statuses, lock = threading.Event(), Counter(), threading.Lock()
-        threads = _run_threads(devices, 8, urls=[a.url, b.url], rollout_id=rid, target=v2, stop=stop, statuses=statuses,
-                               lock=lock)
-        try:
-            _wait("every device on v2", lambda: all(d.current["digest"] == v2["digest"] for d in devices), 90)
-            _wait("the rollout to complete", lambda: admin.get(f"/v1/admin/rollouts/{rid}").json()["status"] == "completed", 30)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
+        with driving(devices, 8, stop, urls=[a.url, b.url], rollout_id=rid, target=v2, statuses=statuses, lock=lock):
+            _wait_completed(admin, rid, devices, v2)
         view_a = admin.get(f"/v1/admin/rollouts/{rid}").json()
         view_b = httpx.get(f"{b.url}/v1/admin/rollouts/{rid}", headers=AUTH).json()
         events = [h["event"] for h in view_a["history"]]
@@ -269,15 +274,10 @@ def test_failures_reported_through_both_replicas_halt_the_rollout_once(tmp_path,
         rid = r.json()["id"]
         stop, statuses, lock = threading.Event(), Counter(), threading.Lock()
         failing = frozenset(d.id for d in devices[::3])  # 10 of 30 fail their probation
-        threads = _run_threads(devices, 6, urls=[a.url, b.url], rollout_id=rid, target=v2, stop=stop, statuses=statuses,
-                               lock=lock, fail_ids=failing)
-        try:
+        with driving(devices, 6, stop, urls=[a.url, b.url], rollout_id=rid, target=v2, statuses=statuses, lock=lock,
+                     fail_ids=failing):
             _wait("the halt", lambda: admin.get(f"/v1/admin/rollouts/{rid}").json()["status"] == "halted", 60)
             time.sleep(1.0)  # more failures keep arriving through both replicas after the halt
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
         view = admin.get(f"/v1/admin/rollouts/{rid}").json()
         assert view["status"] == "halted"
         assert [h["event"] for h in view["history"]] == ["created", "halted"], view["history"]
@@ -298,21 +298,15 @@ def test_sigkill_of_one_replica_mid_rollout_loses_nothing_and_the_other_keeps_se
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
         stop, statuses, lock, dead = threading.Event(), Counter(), threading.Lock(), set()
-        threads = _run_threads(devices, 6, urls=[a.url, b.url], rollout_id=rid, target=v2, stop=stop, statuses=statuses,
-                               lock=lock, dead=dead)
-        try:
+        with driving(devices, 6, stop, urls=[a.url, b.url], rollout_id=rid, target=v2, statuses=statuses, lock=lock,
+                     dead=dead):
             _wait("the first step to finish", lambda: admin.get(f"/v1/admin/rollouts/{rid}").json()["step_index"] >= 1, 60)
             served_by_a = statuses[200]
             a.sigkill()  # with check-ins in flight on it
             dead.add(a.url)  # the devices' next attempts go to the survivor (a load balancer's job)
             with lock:
                 at_kill = statuses[200]
-            _wait("every device on v2", lambda: all(d.current["digest"] == v2["digest"] for d in devices), 90)
-            _wait("the rollout to complete", lambda: admin.get(f"/v1/admin/rollouts/{rid}").json()["status"] == "completed", 30)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
+            _wait_completed(admin, rid, devices, v2)
         assert served_by_a > 0 and statuses[a.url] > 0 and statuses[200] > at_kill  # b kept serving after a died
         view = admin.get(f"/v1/admin/rollouts/{rid}").json()
         assert [h["event"] for h in view["history"]] == ["created", "advanced", "advanced", "completed"], view["history"]

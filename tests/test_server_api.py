@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -460,25 +459,12 @@ def test_rate_limit_and_body_caps(server, kit):
     assert r.status_code == 413 and c.get("/v1/admin/bundles", headers=AUTH).json() == []
 
 
-def test_migrate_command(tmp_path, db_url):
-    import typer
-    from typer.testing import CliRunner
-
-    from edgepack.cli import server_cmd
-
-    app = typer.Typer()
-    server_cmd.register(app)
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    runner = CliRunner()
+def test_migrate_command(tmp_path, db_url, cli):
     latest = latest_version()
-    first = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path), "--db-url", db_url])
-    assert first.exit_code == 0 and f"Applied migrations {', '.join(map(str, range(1, latest + 1)))}" in first.stdout
-    again = runner.invoke(app, ["server", "migrate", "--data", str(tmp_path), "--db-url", db_url])
-    assert again.exit_code == 0 and f"up to date (version {latest})" in again.stdout
+    code, out, _ = cli("server", "migrate", "--data", tmp_path, "--db-url", db_url)
+    assert code == 0 and f"Applied migrations {', '.join(map(str, range(1, latest + 1)))}" in out
+    code, out, _ = cli("server", "migrate", "--data", tmp_path, "--db-url", db_url)
+    assert code == 0 and f"up to date (version {latest})" in out
     assert not (tmp_path / "admin.token").exists()
 
 

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from edgepack.cli import server_cmd
 from pg import base_url, fresh_schema
 
 SECRET = "hunter2-not-in-any-message"
-
-
-def _migrate(tmp_path, url):
-    app = typer.Typer()
-    server_cmd.register(app)
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    return CliRunner().invoke(app, ["server", "migrate", "--data", str(tmp_path), "--db-url", url])
 
 
 def _pg_url_with(**parts) -> str:
@@ -39,20 +25,20 @@ def _pg_url_with(**parts) -> str:
     (lambda: _pg_url_with(db="no_such_database"), 'database "no_such_database" does not exist'),
     (lambda: _pg_url_with(password=SECRET, port=1), "Connection refused"),
 ])
-def test_bad_database_url_is_one_clear_error_without_the_password(tmp_path, make_url, says):
+def test_bad_database_url_is_one_clear_error_without_the_password(tmp_path, cli, make_url, says):
     url = make_url()
     if url.startswith("postgres"):
         with fresh_schema():
             pass  # skips (or fails under EDGEPACK_REQUIRE_POSTGRES=1) when PostgreSQL is absent
-    result = _migrate(tmp_path, url)
-    assert result.exit_code == 2, result.output
-    assert says in result.output and "Traceback" not in result.output
-    assert SECRET not in result.output
+    code, out, err = cli("server", "migrate", "--data", tmp_path, "--db-url", url)
+    assert code == 2, out + err
+    assert says in err and "Traceback" not in out + err
+    assert SECRET not in out + err
     if "@" in url:
-        assert "***@" in result.output  # the URL is shown, its password is not
+        assert "***@" in err  # the URL is shown, its password is not
 
 
-def test_database_newer_than_this_edgepack_is_refused(tmp_path, db_url):
+def test_database_newer_than_this_edgepack_is_refused(tmp_path, db_url, cli):
     from edgepack.server.storage import open_storage
 
     storage = open_storage(db_url)
@@ -60,8 +46,8 @@ def test_database_newer_than_this_edgepack_is_refused(tmp_path, db_url):
     with storage.transaction():
         storage._x("INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'from the future', 0)")
     storage.close()
-    result = _migrate(tmp_path, db_url)
-    assert result.exit_code == 2 and "newer than this edgepack supports" in result.output and "upgrade edgepack" in result.output
+    code, _, err = cli("server", "migrate", "--data", tmp_path, "--db-url", db_url)
+    assert code == 2 and "newer than this edgepack supports" in err and "upgrade edgepack" in err
 
 
 def test_lost_database_connections_answer_503_then_the_server_recovers(tmp_path):
