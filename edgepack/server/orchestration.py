@@ -71,8 +71,9 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ admin
 
-    def get(self, rollout_id: str) -> RolloutRecord:
-        found = self.storage.get_rollout(rollout_id)
+    def get(self, rollout_id: str, lock: bool = False) -> RolloutRecord:
+        """The rollout (404 if unknown); ``lock``: its current row, locked until the transaction ends."""
+        found = self.storage.lock_rollout(rollout_id) if lock else self.storage.get_rollout(rollout_id)
         if found is None:
             raise ApiError(404, "unknown_rollout", f"There is no rollout {rollout_id!r}; list rollouts with GET /v1/admin/rollouts.")
         return found
@@ -111,8 +112,7 @@ class Orchestrator:
     def act(self, rollout_id: str, action: str) -> RolloutRecord:
         allowed, target = _ACTIONS[action]
         with self.storage.transaction():
-            self.get(rollout_id)  # 404 for an unknown id
-            r = self.storage.lock_rollout(rollout_id)
+            r = self.get(rollout_id, lock=True)
             if r.status not in allowed:
                 raise ApiError(409, "invalid_transition", f"Rollout {r.id} is {r.status}; '{action}' needs it to be "
                                f"{' or '.join(allowed)}.")
