@@ -120,6 +120,8 @@ def _missing_system_deps(env: dict[str, str]) -> list[str]:
         missing.append("a running PostgreSQL cluster")
     if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
         missing.append("nginx")
+    if not (shutil.which("qemu-x86_64-static") and shutil.which("qemu-aarch64-static")):
+        missing.append("qemu-user-static")
     return missing
 
 

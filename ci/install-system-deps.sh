@@ -6,6 +6,9 @@
 #     so tests can make throw-away databases).
 #   * nginx: the fleet-scale tests start their own nginx processes with their own config, so
 #     nginx is installed but deliberately NOT left running as a service (it would hold port 80).
+#   * qemu-user-static, debootstrap: builds measure every variant under its target's integer
+#     arithmetic (qemu-x86_64 -cpu Haswell, qemu-aarch64 -cpu cortex-a72/a76); the aarch64 sysroot
+#     itself is built and cached by `edgepack bench setup-emulator` (tests call it).
 # Idempotent: installs only what is missing, starts the cluster only if it is down, creates the
 # role and database only if they are missing; a fully set-up machine is a fast no-op.
 # Run as root (CI does; there is no systemd in CI containers) or with sudo available.
@@ -77,6 +80,8 @@ missing=()
 [ -x "$CHROMIUM" ] || missing+=(chromium)
 [ -n "$(pg_major)" ] || missing+=(postgresql)
 [ -n "$(nginx_bin)" ] || missing+=(nginx)
+command -v qemu-x86_64-static >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1 || missing+=(qemu-user-static)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 
 installed_nginx=no
 if [ ${#missing[@]} -gt 0 ]; then

@@ -59,8 +59,8 @@ _FP16_FLAGS = {"aarch64": "asimdhp", "armv7l": "asimdhp", "x86_64": "avx512_fp16
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 _TOP_FIELDS = ("id", "name", "arch", "cpu", "memory_mb", "simd", "peak", "engines", "recommended",
-               "emulated", "notes")
-_OPTIONAL_TOP = frozenset({"notes"})
+               "emulated", "arithmetic", "notes")
+_OPTIONAL_TOP = frozenset({"notes", "arithmetic"})
 _CPU_FIELDS = ("model", "cores", "clock_ghz")
 _PEAK_FIELDS = ("fp32_gflops", "int8_gops", "memory_bandwidth_gbs", "source")
 _RECOMMENDED_FIELDS = ("threads", "variant", "engine")
@@ -129,6 +129,9 @@ class DeviceProfile:
         recommended: Recommended threads, variant and engine.
         emulated: True for emulators, whose timings are not device timings.
         notes: Free text for humans.
+        arithmetic: The integer arithmetic class its engines use (see
+            :mod:`edgepack_runtime.arith`), when the file names one; otherwise
+            :attr:`arith_class` derives it from ``arch`` and ``simd``.
         path: The file the profile was loaded from, if any (not part of equality).
     """
 
@@ -143,7 +146,15 @@ class DeviceProfile:
     recommended: Recommended
     emulated: bool
     notes: str = ""
+    arithmetic: Optional[str] = None
     path: Optional[Path] = field(default=None, compare=False, repr=False)
+
+    @property
+    def arith_class(self) -> str:
+        """The arithmetic class int8 variants are measured and certified under for this device."""
+        from edgepack_runtime.arith import classify
+
+        return self.arithmetic or classify(self.arch, self.simd)
 
 
 # --- validation (pure: data in, list of problems out) ---------------------------------------
@@ -346,6 +357,14 @@ def validate_profile(data: Any) -> list[str]:
         problems.append(f"emulated: must be true or false, got {_show(data['emulated'])}")
     if "notes" in data and not isinstance(data["notes"], str):
         problems.append(f"notes: must be a string, got {_show(data['notes'])}")
+    if "arithmetic" in data:
+        from edgepack_runtime.arith import CLASSES
+
+        value = data["arithmetic"]
+        if value not in CLASSES:
+            problems.append(f"arithmetic: must be one of {', '.join(CLASSES)} (or left out to derive it from simd), got {_show(value)}")
+        elif arch and CLASSES[value].arch != arch:
+            problems.append(f"arithmetic: {value} is an {CLASSES[value].arch} class, but arch is {arch}")
     return problems
 
 
@@ -396,6 +415,7 @@ def profile_from_dict(data: Any, *, where: str = "<dict>", path: Optional[Path] 
         recommended=Recommended(threads=rec["threads"], variant=rec["variant"], engine=rec["engine"]),
         emulated=data["emulated"],
         notes=data.get("notes", "").strip(),
+        arithmetic=data.get("arithmetic"),
         path=path,
     )
 
@@ -430,6 +450,7 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         },
         "emulated": profile.emulated,
         "notes": profile.notes,
+        **({"arithmetic": profile.arithmetic} if profile.arithmetic else {}),
     }
 
 

@@ -30,21 +30,33 @@ def npz_bytes(arrays: dict) -> bytes:
 
 
 def raw_classifier(scale: float = 1.0, seed: int = 0, nan: bool = False) -> onnx.ModelProto:
-    """uint8 [N,4] raw input → Cast → /255 → MatMul → scores [N,3]; ``scale`` changes the weights."""
+    """uint8 [N,4] raw input → Cast → /255 → MatMul → scores [N,3]; ``scale`` changes the weights.
+
+    ``nan=True``: a model broken only on some inputs, the kind that passes its self-test and
+    must be caught in probation: rows whose first value is 0 (live traffic has one) score
+    NaN (``0 * log(0)``), the golden inputs (first values 8..221) stay finite.
+    """
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((4, 3)) * scale).astype(np.float32)
-    if nan:
-        w[:] = np.nan
     nodes = [
         helper.make_node("Cast", ["raw"], ["f"], to=TensorProto.FLOAT, name="cast"),
         helper.make_node("Div", ["f", "k"], ["x"], name="scale"),
-        helper.make_node("MatMul", ["x", "w"], ["scores"], name="mm"),
+        helper.make_node("MatMul", ["x", "w"], ["mm_out" if nan else "scores"], name="mm"),
     ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(255.0, np.float32), "k")]
+    if nan:
+        nodes += [
+            helper.make_node("Gather", ["x", "first"], ["x0"], axis=1, name="first_column"),
+            helper.make_node("Log", ["x0"], ["log_x0"], name="log"),
+            helper.make_node("Mul", ["log_x0", "zero"], ["poison"], name="poison"),
+            helper.make_node("Add", ["mm_out", "poison"], ["scores"], name="add"),
+        ]
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "first"), numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
     graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("raw", TensorProto.UINT8, ["N", 4])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(255.0, np.float32), "k")],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 

@@ -7,6 +7,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _emulators():
+    """Builds measure int8 under each target's arithmetic (qemu-user, the aarch64 sysroot): set
+    them up once per machine (cached in ~/.cache, a no-op afterwards), whatever test runs first,
+    so no build silently falls back to "not measured". Without root or sudo nothing is installed
+    and the builds say what is missing."""
+    import os
+    import shutil
+
+    from edgepack.bench.emulator import EmulatorConfig, default_root, setup_emulator
+
+    root = Path(os.environ.get("EDGEPACK_EMULATOR_DIR") or default_root())
+    if (root / "sysroot" / ".edgepack-emulator.json").is_file() or os.geteuid() == 0 or shutil.which("sudo"):
+        setup_emulator(EmulatorConfig(root=root))
+    yield
+
+
 @pytest.fixture
 def digits() -> Path:
     return ROOT / "examples" / "digits"

@@ -418,6 +418,12 @@ def test_health_ready_and_info(daemon):
     assert status == 200 and info["ready"] is True
     assert info["model"]["version"] == "1.0.0" and info["model"]["variant"] == "onnx-fp32" and info["model"]["engine"] == "onnxruntime"
     assert info["model"]["io"]["inputs"][0]["name"] == "raw"
+    from edgepack_runtime.arith import host_class
+
+    # Why this variant: the device's class and the reason (this test bundle predates per-class certification).
+    choice = info["model"]["choice"]
+    assert info["model"]["arith_class"] == choice["class"] == host_class() and choice["variant"] == "onnx-fp32"
+    assert choice["class_source"] == "detected from /proc/cpuinfo" and "predates per-class certification" in choice["reason"]
     assert info["runtime"]["version"] and info["runtime"]["engine_version"]
     assert info["reload"]["last"]["ok"] is True and info["listen"]["socket"] == daemon.sock
 

@@ -15,10 +15,12 @@ from edgepack.devices import (
     get_profile,
     list_profiles,
     load_profile,
+    profile_from_dict,
     profile_to_dict,
     validate_profile,
 )
 from edgepack.errors import ConfigError
+from edgepack_runtime.arith import CLASSES, classify, host_class
 
 SHIPPED = sorted(builtin_profiles_dir().glob("*.yaml"))
 EXPECTED_IDS = {"rpi5", "rpi4", "rpi3", "rpi-zero-2w", "x86-gateway", "qemu-aarch64"}
@@ -282,7 +284,8 @@ def test_cli_show_rpi5(cli):
 def test_cli_show_json(cli):
     code, out, err = cli("devices", "show", "rpi5", "--json")
     assert code == 0, err
-    assert json.loads(out) == profile_to_dict(get_profile("rpi5"))
+    assert json.loads(out) == {**profile_to_dict(get_profile("rpi5")), "arith_class": "aarch64-dotprod",
+                               "host_arith_class": host_class()}
 
 
 def test_cli_show_unknown_is_one_error_line(cli):
@@ -310,3 +313,59 @@ def test_cli_dir_from_environment(tmp_path, good, monkeypatch):
     result = CliRunner().invoke(app, ["devices", "list", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     assert [d["id"] for d in json.loads(result.stdout)] == ["env-board"]
+
+
+# --------------------------------------------------------------------------- arithmetic classes
+
+
+@pytest.mark.parametrize("device, klass", [
+    ("rpi4", "aarch64-neon"), ("rpi3", "aarch64-neon"), ("rpi-zero-2w", "aarch64-neon"),
+    ("qemu-aarch64", "aarch64-neon"), ("rpi5", "aarch64-dotprod"), ("x86-gateway", "x86-avx2"),
+])
+def test_every_shipped_profile_derives_its_arithmetic_class_from_simd(device, klass):
+    assert get_profile(device).arith_class == klass
+
+
+# Flags as /proc/cpuinfo prints them on machines this project has run on (abridged).
+EPYC_ZEN2 = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c avx2 fma bmi2"
+EPYC_ZEN4 = EPYC_ZEN2 + " avx512f avx512bw avx512_vnni avx512_bf16"
+XEON_SKX = EPYC_ZEN2 + " avx512f avx512bw avx512vl"
+ALDER_LAKE = EPYC_ZEN2 + " avx_vnni"
+
+
+@pytest.mark.parametrize("machine, flags, klass", [
+    ("x86_64", EPYC_ZEN2, "x86-avx2"),
+    ("x86_64", XEON_SKX, "x86-avx2"),        # AVX-512BW without VNNI saturates like AVX2
+    ("x86_64", EPYC_ZEN4, "x86-vnni"),
+    ("x86_64", ALDER_LAKE, "x86-vnni"),
+    ("x86_64", "fpu sse sse2 ssse3", "x86_64-unclassified"),
+    ("aarch64", "fp asimd evtstrm crc32 cpuid", "aarch64-neon"),
+    ("aarch64", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp", "aarch64-dotprod"),
+    ("armv7l", "half thumb fastmult vfp edsp neon", "armv7l-unclassified"),
+])
+def test_classify_reads_the_flags_that_change_int8_results(machine, flags, klass):
+    assert classify(machine, flags.split()) == klass
+
+
+def test_host_class_parses_proc_cpuinfo_text():
+    text = f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {EPYC_ZEN2}\n\nprocessor\t: 1\n"
+    assert host_class(text, "x86_64") == "x86-avx2"
+    assert host_class("", "x86_64") == "x86_64-unclassified"  # unreadable cpuinfo: nothing certified
+
+
+def test_profile_may_name_its_class_but_not_one_of_another_arch(good):
+    good["arithmetic"] = "x86-vnni"
+    assert "arithmetic: x86-vnni is an x86_64 class, but arch is aarch64" in " ".join(validate_profile(good))
+    good["arithmetic"] = "aarch64-neon"
+    assert validate_profile(good) == []
+    assert profile_from_dict(good).arith_class == "aarch64-neon"
+    good["arithmetic"] = "arm-fast"
+    assert any(p.startswith("arithmetic: must be one of x86-avx2") for p in validate_profile(good))
+
+
+def test_cli_show_prints_the_class_and_how_it_is_measured(cli):
+    code, out, err = cli("devices", "show", "x86-gateway")
+    assert code == 0, err
+    assert "x86-avx2 (derived from simd)" in out and "vpmaddubsw" in out
+    assert f"this host is {host_class()}" in " ".join(out.split())
+    assert set(CLASSES) == {"x86-avx2", "x86-vnni", "aarch64-neon", "aarch64-dotprod"}

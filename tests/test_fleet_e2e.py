@@ -14,7 +14,7 @@ download; the server itself is unmodified.
 Scenario: (a) a staged rollout of v2 reaches every device (the daemons and the server
 agree); (b) three bad releases each halt at their first step with the right reason and
 leave no device on them: v3a fails its golden self-test (caught by the installer before
-the switch), v3b answers NaN (its golden vectors were computed FROM the NaN model, so
+the switch), v3b answers NaN on inputs like live traffic's but not on its golden inputs, so
 the self-test passes; caught by probation's non-finite check on live traffic), v3c is
 ~25x slower (an extra Tanh(MatMul) chain multiplied by 0 and added; caught by
 probation's p95-vs-previous-model check); (c) a device agent SIGKILLed mid-download of
@@ -111,7 +111,7 @@ def kit(tmp_path_factory):
         "v2": make_bundle(d, priv, "2.0.0", raw_classifier(scale=2.0)),
         # golden vectors from another model: fails the installer's self-test before any switch
         "v3a": make_bundle(d, priv, "3.0.0", raw_classifier(scale=3.0), golden_model=raw_classifier(scale=4.0)),
-        # golden vectors computed from the NaN model itself, so the self-test PASSES (NaN == NaN there)
+        # NaN only on inputs like live traffic's, finite on its golden inputs: the self-test PASSES
         "v3b": make_bundle(d, priv, "3.0.1", raw_classifier(nan=True)),
         "v3c": make_bundle(d, priv, "3.0.2", slow_classifier()),  # ~5 ms a request instead of ~10 us
         "v4": make_bundle(d, priv, "4.0.0", big_classifier()),

@@ -19,7 +19,7 @@ Steps, with the pitfalls each one handles:
 4. ``proc`` in the sysroot is a link to the host's ``/proc``; it becomes a directory
    holding an aarch64 ``cpuinfo`` (onnxruntime's cpuinfo segfaults under qemu-user on
    an x86 one). Other ``/proc`` paths fall through to the host's.
-5. ``pip download`` of numpy and onnxruntime aarch64 wheels (every
+5. ``pip download`` of numpy, onnxruntime (and ai-edge-litert when the host has it) aarch64 wheels (every
    ``manylinux_2_NN_aarch64`` tag from 17 to 36, ``--python-version 3.X``,
    ``--only-binary=:all:``), unzipped into ``/opt/edgepack/site`` in the sysroot.
 6. A copy of ``edgepack_runtime`` into the same directory, then a smoke test that
@@ -99,6 +99,10 @@ def _default_requirements() -> tuple[str, ...]:
     for dist in ("numpy", "onnxruntime"):
         ver = _installed_version(dist)
         reqs.append(f"{dist}=={ver}" if ver else dist)
+    # LiteRT too when the host has it: builds measure tflite variants under Arm kernels as well.
+    litert = _installed_version("ai-edge-litert")
+    if litert:
+        reqs.append(f"ai-edge-litert=={litert}")
     return tuple(reqs)
 
 

@@ -63,7 +63,8 @@ def markdown_table(result: dict) -> str:
         lat = rec["latency_ms"]
         vs = rec.get("vs_host")
         vs_text = "—" if vs is None else (
-            f"{'OK' if vs['within_tolerance'] else 'MISMATCH'} (max {vs['max_abs_diff']:.2g} ≤ {_fmt(vs.get('tolerance'), '.2g')}"
+            (f"OK (max {vs['max_abs_diff']:.2g} within the {_fmt(vs.get('tolerance'), '.2g')} tolerance" if vs["within_tolerance"]
+             else f"MISMATCH (max {vs['max_abs_diff']:.2g} exceeds the {_fmt(vs.get('tolerance'), '.2g')} tolerance")
             + (f", top-1 {vs['top1_agreement']:.1%}" if vs.get("top1_agreement") is not None else "") + ")")
         size = rec.get("size_bytes")
         lines.append(

@@ -391,14 +391,47 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float | None:
     return None
 
 
-def _tolerance(manifest: dict, variant: str, output: str, ref: np.ndarray) -> float:
+def _tolerance(manifest: dict, variant: str, output: str, ref: np.ndarray, classes: tuple[str, str] | None = None) -> float:
+    """Allowed difference between the host's and another environment's outputs of one variant.
+
+    Same arithmetic class: the golden-vector tolerance. Different classes (int8 on x86
+    without VNNI against Arm, say): each class's outputs are within its measured max
+    error of fp32 on the validation data, so by the triangle inequality they are within
+    the sum of the two of each other; a class the build did not measure gets twice the
+    largest error measured under any class.
+    """
     tol = (((manifest.get("golden") or {}).get("tolerances") or {}).get(variant) or {}).get(output)
     base = 1e-4 * float(np.max(np.abs(ref))) if ref.size else 1e-4
-    return max(float(tol) if tol is not None else 0.0, base, 1e-6)
+    tol = max(float(tol) if tol is not None else 0.0, base, 1e-6)
+    if classes is None or classes[0] == classes[1]:
+        return tol
+    measured = ((((manifest.get("gates") or {}).get("results") or {}).get(variant) or {}).get("classes") or {})
+    errors = {c: r.get("max_abs_error") for c, r in measured.items() if isinstance(r.get("max_abs_error"), (int, float))}
+    if not errors:
+        return tol
+    if all(c in errors for c in classes):
+        return max(tol, errors[classes[0]] + errors[classes[1]])
+    return max(tol, 2 * max(errors.values()))
+
+
+def _env_class(env: dict) -> str | None:
+    from edgepack_runtime.arith import classify, host_class
+
+    if env.get("target") == "host":
+        return host_class()
+    machine = (env.get("platform") or {}).get("machine")
+    if not machine:
+        return None
+    # The emulator runs qemu's default "max" CPU (dot product included).
+    return "aarch64-dotprod" if env.get("emulated") and machine == "aarch64" else classify(machine, [])
 
 
 def _add_numerics(env: dict, outputs: dict, manifest: dict, host_outputs: dict | None) -> None:
+    from edgepack_runtime.arith import host_class
+
     ref_v = _reference_variant(manifest, list(outputs))
+    here = _env_class(env)
+    classes = (host_class(), here) if here else None
     for v, outs in outputs.items():
         rec = env["variants"][v]
         name = _first_output(outs, manifest)
@@ -413,14 +446,15 @@ def _add_numerics(env: dict, outputs: dict, manifest: dict, host_outputs: dict |
                     within = False
                     continue
                 diff = float(np.max(np.abs(arr.astype(np.float64) - h.astype(np.float64)))) if arr.size else 0.0
-                tol = _tolerance(manifest, v, k, h)
+                tol = _tolerance(manifest, v, k, h, classes)
                 worst = max(worst, diff)
                 within = within and diff <= tol
                 ag = _agreement(arr, h)
                 if ag is not None:
                     agree.append(ag)
-            rec["vs_host"] = {"max_abs_diff": worst, "tolerance": _tolerance(manifest, v, name, host_outputs[v][name]) if name in host_outputs[v] else None,
-                              "within_tolerance": within, "top1_agreement": min(agree) if agree else None}
+            rec["vs_host"] = {"max_abs_diff": worst, "tolerance": _tolerance(manifest, v, name, host_outputs[v][name], classes) if name in host_outputs[v] else None,
+                              "within_tolerance": within, "top1_agreement": min(agree) if agree else None,
+                              "classes": list(classes) if classes else None}
 
 
 def _add_static(env: dict, spec: BenchInput, flops: dict, peak: dict | None, emulated: bool) -> None:

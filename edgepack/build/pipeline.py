@@ -74,14 +74,23 @@ class VariantResult:
     failures: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     audit: Any = None
+    #: Set on a class-specific re-quantization (e.g. ``x86-avx2``): part of its id and file name.
+    tag: str = ""
+    #: The quantization settings (int8 only), as QuantOptions.describe() words them.
+    quantization: str | None = None
+    #: Per arithmetic class: a certify.ClassMeasurement (filled by certify.certify).
+    classes: dict = field(default_factory=dict)
+    #: The host session that measured it (kept for golden vectors and statistics).
+    session: Any = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
-        return variant_id(self.variant)
+        return variant_id(self.variant) + (f"-{self.tag}" if self.tag else "")
 
     @property
     def file(self) -> str:
-        return variant_file(self.variant)
+        base = variant_file(self.variant)
+        return base if not self.tag else base.replace(variant_id(self.variant), self.id, 1)
 
     @property
     def size_bytes(self) -> int:
@@ -237,35 +246,47 @@ def _session(model_bytes: bytes, what: str):
 
 
 def _variants(project, fp32_bytes: bytes, calibration, batch: int, progress: Progress, warnings: list[str]) -> dict[str, VariantResult]:
+    out: dict[str, VariantResult] = {}
+    # One quantization per variant here; class-specific re-quantizations happen in certify.
+    for variant in project.variants:
+        devices = [t.device for t in project.targets if variant in t.variants]
+        if variant.startswith("tflite-"):
+            continue  # converted and validated in build() (edgepack.convert)
+        if variant == "fp32":
+            out[variant] = VariantResult(variant, fp32_bytes, devices=devices)
+            continue
+        progress(f"Quantizing ({variant})")
+        mode = "static" if variant == "int8" else "fp16"
+        options = _quant_options(project, fp32_bytes, batch)
+        data, audit = _quantize_bytes(mode, fp32_bytes, options, calibration if mode == "static" else None)
+        if audit.left_float:
+            warnings.append(f"{variant}: {len(audit.left_float)} of {audit.weights_total} weight ops stayed float: "
+                            + ", ".join(audit.left_float[:5]))
+        out[variant] = VariantResult(variant, data, devices=devices, audit=audit,
+                                     quantization=options.describe() if mode == "static" else None)
+    return out
+
+
+def _quant_options(project, fp32_bytes: bytes, batch: int):
     import onnx
 
-    from ..optimize.quantize import QuantOptions, quantize
+    from ..optimize.quantize import QuantOptions
 
-    out: dict[str, VariantResult] = {}
-    with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
-        src = Path(tmp) / "fp32.onnx"
+    # Post-processing (softmax, top-k) stays float: quantized probabilities
+    # lose the confidence resolution monitoring and thresholds rely on.
+    post_nodes = tuple(n.name for n in onnx.load_from_string(fp32_bytes).graph.node if n.name.startswith("post/"))
+    return QuantOptions(per_channel=project.per_channel, calibration_method=project.calibration_method,
+                        calibration_batch=batch, exclude_nodes=post_nodes)
+
+
+def _quantize_bytes(mode: str, fp32_bytes: bytes, options, calibration):
+    from ..optimize.quantize import quantize
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-quant-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / f"{mode}.onnx"
         src.write_bytes(fp32_bytes)
-        for variant in project.variants:
-            devices = [t.device for t in project.targets if variant in t.variants]
-            if variant.startswith("tflite-"):
-                continue  # converted and validated in build() (edgepack.convert)
-            if variant == "fp32":
-                out[variant] = VariantResult(variant, fp32_bytes, devices=devices)
-                continue
-            progress(f"Quantizing ({variant})")
-            dst = Path(tmp) / f"{variant}.onnx"
-            mode = "static" if variant == "int8" else "fp16"
-            # Post-processing (softmax, top-k) stays float: quantized probabilities
-            # lose the confidence resolution monitoring and thresholds rely on.
-            post_nodes = tuple(n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("post/"))
-            options = QuantOptions(per_channel=project.per_channel, calibration_method=project.calibration_method,
-                                   calibration_batch=batch, exclude_nodes=post_nodes)
-            audit = quantize(mode, src, dst, options, calibration if mode == "static" else None)
-            if audit.left_float:
-                warnings.append(f"{variant}: {len(audit.left_float)} of {audit.weights_total} weight ops stayed float: "
-                                + ", ".join(audit.left_float[:5]))
-            out[variant] = VariantResult(variant, dst.read_bytes(), devices=devices, audit=audit)
-    return out
+        audit = quantize(mode, src, dst, options, calibration)
+        return dst.read_bytes(), audit
 
 
 def _tflite_tools() -> dict[str, str]:
@@ -274,12 +295,24 @@ def _tflite_tools() -> dict[str, str]:
     return tool_versions()
 
 
-def _gate_failures(project, result: VariantResult) -> list[str]:
+#: Gates every int8/fp16 variant must pass against fp32 when the project sets none of its kind:
+#: an accuracy gate alone misses a variant that trades errors (same accuracy, other mistakes).
+DEFAULT_MIN_AGREEMENT = 0.98
+DEFAULT_MIN_COSINE = 0.99
+
+
+def _gate_failures(project, result: VariantResult, numerics=None) -> list[str]:
     from ..optimize.gate import Gate, check
 
     g = project.gates
-    n = result.numerics
-    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop, min_agreement=g.min_agreement), n)
+    n = numerics if numerics is not None else result.numerics
+    min_agreement, min_cosine = g.min_agreement, None
+    if PRECISIONS[result.variant] != "fp32":
+        if min_agreement is None and n.agreement is not None:
+            min_agreement = DEFAULT_MIN_AGREEMENT
+        if n.agreement is None:
+            min_cosine = DEFAULT_MIN_COSINE
+    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine), n)
     if g.min_accuracy is not None:
         if n.accuracy is None:
             failures.append("min_accuracy cannot be measured: the validation data has no labels or the output is not class scores")
@@ -290,6 +323,20 @@ def _gate_failures(project, result: VariantResult) -> list[str]:
     if g.max_latency_ms is not None and result.latency is not None and result.latency.median_ms > g.max_latency_ms:
         failures.append(f"median latency {result.latency.median_ms:.3f} ms on this host is above max_latency_ms {g.max_latency_ms:g} ms")
     return failures
+
+
+def _target_classes(project) -> dict[str, str]:
+    """Each target device's arithmetic class (its profile's, or derived from its simd flags)."""
+    from ..devices import get_profile
+
+    return {t.device: get_profile(t.device).arith_class for t in project.targets}
+
+
+def _slower_than_fp32(result: VariantResult, results: dict) -> bool | None:
+    fp32 = results.get("fp32")
+    if result.variant == "fp32" or fp32 is None or result.latency is None or fp32.latency is None:
+        return None
+    return result.latency.median_ms > fp32.latency.median_ms
 
 
 def _baseline(path: Path, project, batch: int) -> dict:
@@ -390,7 +437,7 @@ def _numerics_dict(n) -> dict | None:
 
 
 def build(project_path: str | Path, baseline: str | Path | None = None, progress: Progress = _noop,
-          source_date_epoch: int | None = None) -> BuildResult:
+          source_date_epoch: int | None = None, measure_config: Any = None) -> BuildResult:
     """Build, measure, gate, sign and write ``output_dir/NAME-VERSION.epk``.
 
     Raises:
@@ -409,6 +456,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     from ..preprocess import Postprocess, embed_preprocessing, preprocess_from_dict, try_fold_normalization
     from .._atomic import atomic_write_bytes
 
+    from ..arith import MeasureConfig
+
+    measure_config = (measure_config or MeasureConfig(threads=THREADS)).resolved()
     progress("Loading project")
     project = _load(Path(project_path))
     _check_devices(project)
@@ -482,7 +532,38 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                               LATENCY_RUNS, warmup=3)
     for variant, result in results.items():
         result.latency = timings.get(variant)
+        result.session = sessions[variant]
         result.failures = _gate_failures(project, result)
+
+    count = min(project.golden_vectors, len(validation))
+    golden_feed = validation.batch(0, count)
+    host_cls = measure_config.resolved().host_class
+    classes_of = _target_classes(project)
+
+    def requantize(changes: dict) -> VariantResult:
+        from dataclasses import replace
+
+        options = replace(_quant_options(project, fp32_bytes, batch), **changes)
+        data, audit = _quantize_bytes("static", fp32_bytes, options, calibration)
+        sess = _session(data, f"int8 re-quantized with {options.describe()}")
+        candidate = VariantResult("int8", data, audit=audit, quantization=options.describe(), session=sess)
+        candidate.numerics = compare(reference, sess, validation, batch)
+        return candidate
+
+    from ..arith.cache import dataset_digest
+    from .certify import certify
+
+    verdicts = certify(project, results, host_class=host_cls, classes_of=classes_of, sessions=sessions, reference=reference,
+                       validation=validation, calibration=calibration, batch=batch, golden_feed=golden_feed,
+                       gate=lambda r, n: _gate_failures(project, r, n), config=measure_config, run=_run,
+                       requantize=requantize, progress=progress,
+                       data_digest=dataset_digest(validation, batch) if measure_config.cache_dir else "")
+    shipped_ids = {v.shipped for v in verdicts if v.shipped}
+    ship = {key: r for key, r in results.items() if r.id in shipped_ids}
+    for r in results.values():
+        r.devices = [t.device for t in project.targets if any(v.device == t.device and v.shipped == r.id for v in verdicts)]
+    warnings.extend(v.reason for v in verdicts if v.status == "refused")
+    warnings.extend(v.reason for v in verdicts if v.status == "replaced")
 
     baseline_info = None
     baseline_failure = None
@@ -510,6 +591,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         "calibration": {"source": calibration.source, "samples": len(calibration)},
         "fold_normalization": fold_info,
         "graph_optimization": graph_info,
+        "host_class": host_cls,
         "variants": {
             r.id: {
                 "precision": r.variant,
@@ -518,8 +600,17 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                 "latency_ms": None if r.latency is None else {"median": r.latency.median_ms, "p95": r.latency.p95_ms, "runs": r.latency.runs},
                 "gate_failures": r.failures,
                 "devices": r.devices,
+                "shipped": r.id in shipped_ids,
+                "quantization": r.quantization,
+                "classes": {c: m.to_dict() for c, m in r.classes.items()},
+                "slower_than_fp32_on_host": _slower_than_fp32(r, results),
             }
             for r in results.values()
+        },
+        "targets": {
+            t.device: {"class": classes_of[t.device],
+                       "variants": {v.variant: v.to_dict() for v in verdicts if v.device == t.device}}
+            for t in project.targets
         },
         "gates": jsonable({**project.gates.__dict__}),
         "baseline": baseline_info,
@@ -529,7 +620,17 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     for r in results.values():
         if r.variant.startswith("tflite-") and r.audit is not None:
             report["variants"][r.id]["tflite_validation"] = r.audit.to_dict()
-    failures = [f"{r.variant}: {f}" for r in results.values() for f in r.failures]
+    failures = []
+    for t in project.targets:
+        mine = [v for v in verdicts if v.device == t.device]
+        if not any(v.shipped for v in mine):
+            failures.append(f"{t.device} ({classes_of[t.device]}): no declared variant passed its gates there: "
+                            + "; ".join(v.reason for v in mine))
+    for r in ship.values():
+        bad = [f"{r.id}: its golden output {name!r} contains NaN or infinity; the model is broken on these inputs"
+               for name, value in zip([o.name for o in r.session.get_outputs()], r.classes[next(iter(r.classes))].golden or [])
+               if np.asarray(value).dtype.kind in "fc" and not np.all(np.isfinite(value))]
+        failures.extend(bad)
     if baseline_failure:
         failures.append(baseline_failure)
     if failures:
@@ -542,13 +643,29 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     golden_feed = validation.batch(0, count)
     arrays = {golden_mod.input_key(k): v for k, v in golden_feed.items()}
     tolerances: dict[str, dict[str, float]] = {}
-    for variant, result in results.items():
-        sess = sessions[variant]
-        outs = _run(sess, golden_feed)
+    golden_classes: dict[str, dict[str, dict]] = {}
+    for result in ship.values():
+        names = [o.name for o in result.session.get_outputs()]
+        host_m = result.classes.get(host_cls)
+        outs = host_m.golden if host_m is not None and host_m.golden is not None else _run(result.session, golden_feed)
         tolerances[result.id] = {}
-        for meta, value in zip(sess.get_outputs(), outs):
-            arrays[golden_mod.output_key(result.id, meta.name)] = value
-            tolerances[result.id][meta.name] = golden_mod.tolerance(value, result.numerics.max_abs_error)
+        for name, value in zip(names, outs):
+            arrays[golden_mod.output_key(result.id, name)] = value
+            tolerances[result.id][name] = golden_mod.tolerance(value, result.numerics.max_abs_error)
+        golden_classes[result.id] = {}
+        for klass, m in result.classes.items():
+            if not m.passed:
+                continue
+            same = all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc") for a, b in zip(m.golden, outs))
+            key = result.id if same else f"{result.id}@{klass}"
+            others = [o.golden for c, o in result.classes.items() if c != klass and o.golden is not None]
+            entry = {"outputs": key, "how": m.how, "tolerances": {}}
+            for index, (name, value) in enumerate(zip(names, m.golden)):
+                if key != result.id:
+                    arrays[golden_mod.output_key(key, name)] = value
+                entry["tolerances"][name] = golden_mod.class_tolerance(
+                    value, [o[index] for o in others if index < len(o)], m.numerics.max_abs_error)
+            golden_classes[result.id][klass] = entry
     golden_bytes = golden_mod.write_npz(arrays)
 
     progress("Computing reference statistics")
@@ -558,12 +675,12 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         for k, v in feed.items():
             val_raw.setdefault(k, []).append(v)
     val_raw_arrays = {k: np.concatenate(v) for k, v in val_raw.items()}
-    outputs = {r.id: _collect(sessions[v], validation, batch, limit) for v, r in results.items()}
+    outputs = {r.id: _collect(r.session, validation, batch, limit) for r in ship.values()}
     labels = list(post.labels) if post is not None and post.labels else None
     feature_names = {raw_name: list(pre.raw_columns)} if hasattr(pre, "raw_columns") else None
     stats_doc = stats_mod.reference_stats(val_raw_arrays, {v: o[0] for v, o in outputs.items()}, labels, feature_names)
     stats_bytes = stats_mod.stats_json(stats_doc)
-    fp32_key = results["fp32"].id if "fp32" in results else next(iter(outputs))
+    fp32_key = results["fp32"].id if "fp32" in results and results["fp32"].id in outputs else next(iter(outputs))
 
     progress("Signing the bundle")
     base_dir = project.path.parent
@@ -576,10 +693,18 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         "io": _io_schema(embedded, pre, post, val_raw_arrays, outputs[fp32_key]),
         "variants": [
             {"id": r.id, "file": r.file, "engine": variant_engine(r.variant), "precision": PRECISIONS[r.variant], "min_runtime": MIN_RUNTIME,
-             "devices": r.devices, "size_bytes": r.size_bytes}
-            for r in results.values()
+             "devices": r.devices, "size_bytes": r.size_bytes,
+             **({"quantization": r.quantization} if r.quantization else {}),
+             # The classes it is certified for, each with how its numbers were obtained.
+             "classes": {c: {k: v for k, v in m.to_dict().items() if k not in ("passed", "failures", "cached")}
+                         for c, m in r.classes.items() if m.passed}}
+            for r in ship.values()
         ],
-        "golden": {"file": GOLDEN_FILE, "count": count, "rule": golden_mod.RULE, "tolerances": tolerances},
+        "targets": {t.device: {"class": classes_of[t.device],
+                               "variants": [v.shipped for v in verdicts if v.device == t.device and v.shipped]}
+                    for t in project.targets},
+        "golden": {"file": GOLDEN_FILE, "count": count, "rule": golden_mod.RULE, "tolerances": tolerances,
+                   "class_rule": golden_mod.CLASS_RULE, "classes": golden_classes},
         "reference_stats": {"file": STATS_FILE},
         "lineage": {
             "source_model": source_lineage,
@@ -609,15 +734,20 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                     "samples": r.numerics.samples,
                     "size_bytes": r.size_bytes,
                     "latency": "not gated" if g.max_latency_ms is None else "passed (measured on the build host; see the build report)",
+                    "measured_on": host_cls,
                     "passed": True,
+                    # "cached" stays in the build report: the bundle is the same whether a number was reused or not.
+                    "classes": {c: {k: v for k, v in m.to_dict().items() if k != "cached"} for c, m in r.classes.items()},
+                    "targets": {v.device: v.to_dict() for v in verdicts if v.shipped == r.id},
                 }
-                for r in results.values()
+                for r in ship.values()
             },
+            "refused": [v.reason for v in verdicts if v.status == "refused"],
             "baseline": baseline_info,
             "passed": True,
         }),
     }
-    members: dict[str, bytes] = {r.file: r.model_bytes for r in results.values()}
+    members: dict[str, bytes] = {r.file: r.model_bytes for r in ship.values()}
     members[GOLDEN_FILE] = golden_bytes
     members[STATS_FILE] = stats_bytes
     try:

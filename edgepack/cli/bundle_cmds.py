@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -115,8 +116,38 @@ def init(
 # --------------------------------------------------------------------------- build
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def _target_table(report: dict) -> None:
+    """Target x variant: what each device gets, measured under its own arithmetic class."""
+    targets = report.get("targets") or {}
+    if not targets:
+        return
+    typer.echo(f"  per target (this host is {report.get('host_class')}):")
+    for device, t in targets.items():
+        for variant, verdict in t["variants"].items():
+            shipped = verdict.get("shipped")
+            rec = report["variants"].get(shipped or "", {}).get("classes", {}).get(t["class"]) if shipped else None
+            if rec is None:
+                # The declared variant itself (re-quantized candidates come after it in the report).
+                rec = next((r.get("classes", {}).get(t["class"]) for r in report["variants"].values()
+                            if r["precision"] == variant), None) or {}
+            status = {"certified": "PASS", "replaced": "REQUANT", "refused": "REFUSED"}[verdict["status"]]
+            err = rec.get("max_abs_error")
+            typer.echo(f"    {status:<7} {device:<12} {t['class']:<16} {variant:<12} -> {shipped or '-':<22} "
+                       f"acc {_pct(rec.get('accuracy'))}  agree {_pct(rec.get('agreement'))}  "
+                       f"max err {'-' if err is None else f'{err:.3g}'}  measured {rec.get('how') or 'not measured'}")
+            if verdict["status"] != "certified":
+                for line in textwrap.wrap(verdict["reason"], 110):
+                    typer.echo(f"            {line}")
+
+
 def _summarize(report: dict) -> None:
     typer.echo(f"{report['name']} {report['version']}  (validation: {report['validation']['samples']} samples)")
+    _target_table(report)
+    typer.echo(f"  on this host ({report.get('host_class')}):")
     for vid, v in report["variants"].items():
         n = v.get("numerics") or {}
         acc = n.get("accuracy")
@@ -128,15 +159,43 @@ def _summarize(report: dict) -> None:
             f"acc {'-' if acc is None else f'{acc * 100:.2f}%'}  "
             f"agree {'-' if agree is None else f'{agree * 100:.2f}%'}  "
             f"max err {n.get('max_abs_error', 0) or 0:.3g}  "
-            f"latency {'-' if lat is None else f'{lat:.3f} ms'}  devices {', '.join(v['devices'])}"
+            f"latency {'-' if lat is None else f'{lat:.3f} ms'}  devices {', '.join(v['devices']) or '-'}"
         )
+        if v.get("slower_than_fp32_on_host"):
+            typer.echo(f"       SLOWER than fp32 on this {report.get('host_class')} host: check it on the device before relying on it")
         for failure in v["gate_failures"]:
             typer.echo(f"       {failure}")
     if report.get("baseline"):
         b = report["baseline"]
         typer.echo(f"  baseline {b['name']} {b['version']}: accuracy {b['accuracy'] * 100:.2f}% -> {'passed' if b.get('passed') else 'REFUSED'}")
+    verdict_reasons = {v["reason"] for t in (report.get("targets") or {}).values() for v in t["variants"].values()}
     for warning in report.get("warnings") or []:
-        typer.echo(f"  warning: {warning}")
+        if warning not in verdict_reasons:  # already printed under its target
+            typer.echo(f"  warning: {warning}")
+
+
+def _measure_config():
+    """How builds measure other arithmetic classes; the environment is read here, in the CLI.
+
+    ``EDGEPACK_EMULATOR_DIR`` points at the aarch64 sysroot (as for ``bench``);
+    ``EDGEPACK_HOST_CLASS`` overrides host detection (a build run under qemu-user sees the
+    real host's /proc/cpuinfo, not the emulated CPU's); ``EDGEPACK_MEASURE_CACHE`` moves the
+    store of reusable emulated measurements, or ``off`` disables reuse.
+    """
+    import os
+
+    from ..arith import CLASSES, MeasureConfig
+    from ..errors import ConfigError
+
+    klass = os.environ.get("EDGEPACK_HOST_CLASS", "")
+    if klass and klass not in CLASSES:
+        raise ConfigError(f"EDGEPACK_HOST_CLASS={klass!r} is not an arithmetic class; use one of {', '.join(CLASSES)} or unset it.")
+    from ..arith.cache import default_cache_dir
+
+    root = os.environ.get("EDGEPACK_EMULATOR_DIR")
+    cache = os.environ.get("EDGEPACK_MEASURE_CACHE")  # "off" re-measures everything
+    return MeasureConfig(host_class=klass, emulator_root=Path(root) if root else None, threads=1,
+                         cache_dir=None if cache == "off" else Path(cache) if cache else default_cache_dir())
 
 
 @handle_errors
@@ -154,7 +213,7 @@ def build(
 
     try:
         with progress_display(not as_json) as progress:
-            result = run(project, baseline=baseline, progress=progress)
+            result = run(project, baseline=baseline, progress=progress, measure_config=_measure_config())
     except GateError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -270,8 +329,11 @@ def _golden(root: Path, manifest) -> dict[str, Any]:
     golden = manifest.get("golden") or {}
     if not golden.get("file"):
         return {}
+    from edgepack_runtime.arith import host_class
+    from edgepack_runtime.selftest import golden_entry
+
     arrays = read_npz((root / golden["file"]).read_bytes())
-    tolerances = golden.get("tolerances") or {}
+    klass = host_class()
     results: dict[str, Any] = {}
     for variant in manifest.variants:
         vid = variant.get("id")
@@ -279,6 +341,11 @@ def _golden(root: Path, manifest) -> dict[str, Any]:
         if variant.get("engine") != "onnxruntime" and not litert:
             results[vid] = None
             continue
+        chosen = golden_entry(manifest, variant, klass)
+        if chosen is None:
+            results[vid] = f"skipped: not certified for this host's arithmetic {klass} (a device of that class never serves it)"
+            continue
+        key, tolerances, _why = chosen
         try:
             if litert:
                 from ..convert.tflite import LiteRTSession
@@ -286,7 +353,7 @@ def _golden(root: Path, manifest) -> dict[str, Any]:
                 sess = LiteRTSession((root / variant["file"]).read_bytes(), 1)
             else:
                 sess = session((root / variant["file"]).read_bytes(), 1)
-            results[vid] = check_golden(sess, vid, arrays, tolerances.get(vid) or {})
+            results[vid] = check_golden(sess, key, arrays, tolerances)
         except Exception as exc:  # noqa: BLE001 - a variant that does not run on this host fails verification
             results[vid] = [f"{vid}: does not run on this host's onnxruntime ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"]
     return results
@@ -319,7 +386,7 @@ def verify(
                 raise VerificationError(str(exc)) from None  # a damaged bundle failed verification: exit 1
             raise
         golden = _golden(root, manifest)
-    problems = [p for value in golden.values() if value for p in value]
+    problems = [p for value in golden.values() if isinstance(value, list) for p in value]
     result = {
         "bundle": str(bundle),
         "name": manifest.name,
@@ -327,7 +394,8 @@ def verify(
         "key_id": manifest.key_id,
         "signature": "ok",
         "members": {name: "ok" for name in sorted(manifest.files)},
-        "golden": {vid: ("skipped (its engine is not installed here)" if value is None else ("ok" if not value else value))
+        "golden": {vid: ("skipped (its engine is not installed here)" if value is None else value if isinstance(value, str)
+                         else ("ok" if not value else value))
                    for vid, value in golden.items()},
         "verified": not problems,
     }

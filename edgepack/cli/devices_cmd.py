@@ -92,10 +92,19 @@ def show_device(
     """Show every field of one device profile."""
     from ..devices import get_profile, profile_to_dict
 
+    from edgepack_runtime.arith import CLASSES, host_class
+
     profile = get_profile(name, directory)
+    klass = profile.arith_class
     if as_json:
-        print_json(profile_to_dict(profile))
+        print_json({**profile_to_dict(profile), "arith_class": klass, "host_arith_class": host_class()})
         return
+    how = "named in the profile" if profile.arithmetic else "derived from simd"
+    summary = CLASSES[klass].summary if klass in CLASSES else "no class covers this CPU: only fp32 is certified for it"
+    here = host_class()
+    where = ("natively on this host" if here == klass else
+             f"under qemu ({' -cpu '.join(CLASSES[klass].emulate)})" if klass in CLASSES and CLASSES[klass].emulate else
+             "by a reference evaluation (QEMU cannot emulate this class)" if klass in CLASSES else "not at all")
     peak, rec = profile.peak, profile.recommended
     rows = [
         ("name", profile.name),
@@ -103,6 +112,7 @@ def show_device(
         ("cpu", f"{profile.cpu.model}; {_clock(profile)}"),
         ("memory", f"{profile.memory_mb} MB"),
         ("simd", ", ".join(profile.simd) or "-"),
+        ("arithmetic", f"{klass} ({how}): {summary}; this host is {here}, so builds measure it {where}"),
         ("peak fp32", _num(peak.fp32_gflops, "GFLOPS")),
         ("peak int8", _num(peak.int8_gops, "GOPS")),
         ("memory bw", _num(peak.memory_bandwidth_gbs, "GB/s")),

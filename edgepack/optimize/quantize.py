@@ -38,6 +38,10 @@ class QuantOptions:
         calibration_batch: Samples per calibration inference.
         calibration_limit: Use at most this many calibration samples (None: all).
         exclude_nodes: Node names to keep in float (e.g. post-processing).
+        reduce_range: 7-bit weights, so two u8 x s8 products can never saturate the
+            16-bit pairs of x86 ``vpmaddubsw`` (CPUs without VNNI).
+        activations: ``u8`` or ``s8`` activations (static only).
+        weights: ``s8`` or ``u8`` weights.
     """
 
     per_channel: bool = False
@@ -45,6 +49,17 @@ class QuantOptions:
     calibration_batch: int = 1
     calibration_limit: int | None = None
     exclude_nodes: tuple[str, ...] = ()
+    reduce_range: bool = False
+    activations: str = "u8"
+    weights: str = "s8"
+
+    def describe(self) -> str:
+        """The settings that change int8 arithmetic, e.g. ``u8/s8 per-channel minmax``."""
+        parts = [f"{self.activations}/{self.weights}", "per-channel" if self.per_channel else "per-tensor",
+                 self.calibration_method]
+        if self.reduce_range:
+            parts.append("reduce_range")
+        return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,9 @@ class _CalibrationReader:
         self._end = len(self._starts)
 
 
+_QUANT_TYPES = {"u8": lambda q: q.QUInt8, "s8": lambda q: q.QInt8}
+
+
 def _static(src: Path, dst: Path, options: QuantOptions, calibration: Dataset | None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -132,9 +150,10 @@ def _static(src: Path, dst: Path, options: QuantOptions, calibration: Dataset | 
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
             # u8 activations / s8 weights is onnxruntime's fast path on x86 and ARM.
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            activation_type=_QUANT_TYPES[options.activations](QuantType),
+            weight_type=_QUANT_TYPES[options.weights](QuantType),
             calibrate_method=methods[options.calibration_method],
             nodes_to_exclude=list(options.exclude_nodes),
             extra_options={"CalibStridedMinMax": CALIBRATION_CHUNK},
@@ -145,7 +164,8 @@ def _dynamic(src: Path, dst: Path, options: QuantOptions, calibration: Dataset |
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_logging():
-        quantize_dynamic(str(src), str(dst), per_channel=options.per_channel, weight_type=QuantType.QInt8,
+        quantize_dynamic(str(src), str(dst), per_channel=options.per_channel, reduce_range=options.reduce_range,
+                         weight_type=_QUANT_TYPES[options.weights](QuantType),
                          nodes_to_exclude=list(options.exclude_nodes))
 
 

@@ -19,6 +19,7 @@ from typing import List, Optional
 from . import __version__
 from .bundle import load_public_key
 from .cache import DEFAULT_ROOT, Cache, CacheConfig
+from .arith import CLASSES, host_class
 from .engines import available_engines
 from .errors import EdgepackError
 
@@ -40,7 +41,8 @@ def _config(args: argparse.Namespace):
     from .model import RuntimeConfig
 
     prefer = tuple(args.prefer.split(",")) if getattr(args, "prefer", None) else ()
-    return RuntimeConfig(CacheConfig(root=Path(args.cache), trusted_keys=_keys(args), keep=args.keep), prefer=prefer, threads=args.threads)
+    return RuntimeConfig(CacheConfig(root=Path(args.cache), trusted_keys=_keys(args), keep=args.keep), prefer=prefer, threads=args.threads,
+                         arith_class=getattr(args, "arith_class", None), profile=getattr(args, "profile", None))
 
 
 def _fault_hook():
@@ -95,8 +97,30 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = Cache(CacheConfig(root=Path(args.cache), trusted_keys=_keys(args))).status()
+    from .model import plan, read_choice
+
+    cache = Cache(CacheConfig(root=Path(args.cache), trusted_keys=_keys(args)))
+    status = cache.status()
     status["engines"] = available_engines()
+    config = _config(args)
+    status["arith_class"] = config.arith_class or host_class()
+    current = status.get("current")
+    if current:
+        overridden = config.arith_class or config.profile
+        choice = None if overridden else read_choice(Path(args.cache), current["digest"])
+        if choice is None:
+            # Not yet served here: what the device would choose, from the installed (unverified) manifest.
+            try:
+                manifest = json.loads((cache.store / current["digest"] / "manifest.json").read_text())
+                planned = plan(manifest, config)
+                best = planned["candidates"][0] if planned["candidates"] else None
+                choice = {"class": planned["class"], "class_source": planned["class_source"],
+                          "variant": best["id"] if best else None, "refused": planned["refused"],
+                          "reason": "planned (not yet self-tested on this device)" if best else "no variant is eligible here"}
+            except (OSError, ValueError, EdgepackError) as exc:
+                choice = {"error": str(exc)}
+        status["arith_class"] = choice.get("class", status["arith_class"])
+        status["serving"] = choice
     _print(status, args.json)
     return 0
 
@@ -140,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=int, default=1, help="Inference threads.")
     common.add_argument("--prefer", help="Comma-separated variant ids to prefer, e.g. onnx-int8,onnx-fp32.")
     common.add_argument("--json", action="store_true", help="Machine-readable output.")
+    common.add_argument("--profile", default=None, help="The device profile this device is (e.g. rpi4): serve what the bundle "
+                        "certified for that target's arithmetic class instead of detecting the CPU.")
+    common.add_argument("--class", dest="arith_class", choices=sorted(CLASSES), default=None,
+                        help="This device's arithmetic class, overriding detection from /proc/cpuinfo.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("install", parents=[common], help="Verify, self-test and switch to a bundle file (e.g. from a USB stick).")
     p.add_argument("bundle")

@@ -185,3 +185,38 @@ def choose_variant(variants: Sequence[dict], engines: Sequence[str], features: S
         return (order.index(precision) if precision in order else len(order), list(engines).index(v["engine"]))
 
     return min(runnable, key=rank)
+
+
+def rank_variants(variants: Sequence[dict], engines: Sequence[str], features: Sequence[str], klass: str,
+                  prefer: Sequence[str] = ()) -> Tuple[List[dict], Dict[str, str]]:
+    """Variants this device may serve, best first, and why each other one is refused (pure).
+
+    A variant is eligible when its engine is installed and it is certified for the
+    device's arithmetic class ``klass`` (its manifest ``classes``). fp32 runs float
+    kernels and is eligible everywhere; bundles without ``classes`` (built before
+    per-class certification) keep every variant eligible. So a device of a class nobody
+    measured gets fp32 unless ``prefer`` names a variant certified for it.
+    """
+    refused: Dict[str, str] = {}
+    eligible = []
+    for v in variants:
+        vid = v.get("id", "?")
+        if v.get("engine") not in engines:
+            refused[vid] = f"its engine {v.get('engine')} is not installed here"
+            continue
+        classes = v.get("classes")
+        if isinstance(classes, dict) and klass not in classes and v.get("precision", "fp32") != "fp32":
+            certified = ", ".join(sorted(classes)) or "no class"
+            refused[vid] = f"not certified for this device's arithmetic {klass} (certified for {certified})"
+            continue
+        eligible.append(v)
+    ordered: List[dict] = []
+    for wanted in prefer:
+        ordered.extend(v for v in eligible if v.get("id") == wanted and v not in ordered)
+    rest = [v for v in eligible if v not in ordered]
+    best = choose_variant(rest, engines, features)
+    while best is not None:
+        ordered.append(best)
+        rest = [v for v in rest if v is not best]
+        best = choose_variant(rest, engines, features)
+    return ordered, refused

@@ -11,8 +11,9 @@ import numpy as np
 
 from .bundle import Manifest, PublicKey, load_public_key
 from .cache import DEFAULT_ROOT, Cache, CacheConfig, Slot
-from .engines import available_engines, choose_variant, cpu_features, load_session
-from .errors import UpdateError
+from .arith import host_class
+from .engines import available_engines, cpu_features, load_session, rank_variants
+from .errors import EdgepackError, UpdateError, VerificationError
 from .selftest import self_test
 from .validate import check_feed
 
@@ -26,39 +27,116 @@ class RuntimeConfig:
         engines: Engines allowed, best first (None: every installed one).
         prefer: Variant ids to prefer, in order, over the default ranking.
         threads: Inference threads.
+        arith_class: This device's arithmetic class (None: detected from /proc/cpuinfo).
+        profile: A device profile id (``rpi4``): its class is read from the bundle's
+            ``targets`` and overrides detection.
     """
 
     cache: CacheConfig
     engines: Optional[Tuple[str, ...]] = None
     prefer: Tuple[str, ...] = ()
     threads: int = 1
+    arith_class: Optional[str] = None
+    profile: Optional[str] = None
 
 
-def _pick(manifest: Mapping, config: RuntimeConfig) -> dict:
+def device_class(manifest: Mapping, config: RuntimeConfig) -> Tuple[str, str]:
+    """This device's arithmetic class for ``manifest`` and where it came from."""
+    if config.profile:
+        target = (manifest.get("targets") or {}).get(config.profile)
+        if isinstance(target, Mapping) and isinstance(target.get("class"), str):
+            return target["class"], f"profile {config.profile} (from the bundle's targets)"
+        known = ", ".join(sorted(manifest.get("targets") or {})) or "none"
+        raise UpdateError(f"--profile {config.profile}: {manifest.get('name')} was not built for that device "
+                          f"(its targets: {known}); drop --profile to detect the CPU, or pass --class.")
+    if config.arith_class:
+        return config.arith_class, "given on the command line"
+    return host_class(), "detected from /proc/cpuinfo"
+
+
+def plan(manifest: Mapping, config: RuntimeConfig) -> Dict[str, Any]:
+    """Which variants this device would serve, in order, and why others are refused (pure but for detection)."""
+    klass, source = device_class(manifest, config)
     engines = list(config.engines) if config.engines else available_engines()
-    variant = choose_variant(manifest.get("variants", []), engines, cpu_features(), config.prefer)
-    if variant is None:
-        offered = sorted({v.get("engine") for v in manifest.get("variants", [])})
-        raise UpdateError(f"No variant of {manifest.get('name')} runs here: it offers engines {offered}, this device has {engines or 'none'}.")
-    return variant
+    ordered, refused = rank_variants(manifest.get("variants", []), engines, cpu_features(), klass, config.prefer)
+    return {"class": klass, "class_source": source, "candidates": ordered, "refused": refused}
 
 
-def _tester(config: RuntimeConfig, loaded: Optional[Dict[Path, Tuple[dict, Any]]] = None):
-    """The self-test the cache runs; keeps the session it loaded in ``loaded`` for reuse."""
+def _reason(variant: Mapping, klass: str) -> str:
+    cert = (variant.get("classes") or {}).get(klass)
+    if isinstance(cert, Mapping):
+        acc = cert.get("accuracy")
+        shown = f", accuracy {acc * 100:.2f}%" if isinstance(acc, (int, float)) else ""
+        return f"certified for {klass} ({cert.get('how')}{shown}) and ranked first among those"
+    if variant.get("classes") is None:
+        return "the bundle predates per-class certification; ranked by precision"
+    return f"fp32: float kernels, not affected by {klass}'s integer arithmetic"
+
+
+def _tester(config: RuntimeConfig, loaded: Optional[Dict[Path, Tuple[dict, Any, dict]]] = None, record: bool = True):
+    """The self-test the cache runs: the best variant for this device that passes its golden vectors.
+
+    A variant that fails its self-test is skipped for the next certified one (a bundle is
+    refused only when none passes); what was tried is kept in ``loaded`` for status and /info.
+    """
     def test(directory: Path, manifest: Manifest) -> None:
-        variant = _pick(manifest, config)
-        session = load_session(variant["engine"], directory / variant["file"], config.threads)
-        self_test(session, variant["id"], directory, manifest)
-        if loaded is not None:
-            loaded[directory] = (variant, session)
+        chosen = plan(manifest, config)
+        klass, failed = chosen["class"], {}
+        for variant in chosen["candidates"]:
+            try:
+                session = load_session(variant["engine"], directory / variant["file"], config.threads)
+                self_test(session, variant["id"], directory, manifest, klass)
+            except EdgepackError as exc:
+                failed[variant["id"]] = str(exc)
+                continue
+            choice = {"class": klass, "class_source": chosen["class_source"], "variant": variant["id"],
+                      "reason": _reason(variant, klass), "refused": chosen["refused"], "failed_self_test": failed}
+            if loaded is not None:
+                loaded[directory] = (variant, session, choice)
+            if record:
+                _record_choice(config.cache.root, directory.name, choice)
+            return
+        if failed:
+            raise VerificationError("No variant passed its self-test here: " + " ".join(failed.values()))
+        offered = sorted({v.get("engine") for v in manifest.get("variants", [])})
+        detail = "; ".join(f"{k}: {v}" for k, v in chosen["refused"].items())
+        raise UpdateError(f"No variant of {manifest.get('name')} runs here ({klass}; engines offered {offered}): {detail}.")
 
     return test
+
+
+CHOICE_FILE = "selection.json"
+
+
+def _record_choice(root: Path, digest: str, choice: dict) -> None:
+    # A side file (not inside the verified bundle directory) so `status` can say what is served and why.
+    try:
+        import json
+
+        from ._fs import atomic_write
+
+        atomic_write(Path(root) / CHOICE_FILE, json.dumps({"digest": digest, **choice}, sort_keys=True).encode())
+    except OSError:
+        pass  # a read-only cache still serves; status then recomputes the plan
+
+
+def read_choice(root: Path, digest: Optional[str]) -> Optional[dict]:
+    """The recorded choice for the bundle ``digest`` (None if none or another bundle's)."""
+    import json
+
+    try:
+        data = json.loads((Path(root) / CHOICE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("digest") == digest else None
 
 
 class Model:
     """A verified bundle loaded for inference."""
 
-    def __init__(self, slot: Slot, directory: Path, manifest: Manifest, variant: dict, session, notes: List[str]) -> None:
+    def __init__(self, slot: Slot, directory: Path, manifest: Manifest, variant: dict, session, notes: List[str],
+                 choice: Optional[dict] = None) -> None:
+        self.choice = choice or {}
         self.slot = slot
         self.directory = directory
         self.manifest = manifest
@@ -104,6 +182,8 @@ class Model:
             "precision": self.variant.get("precision"),
             "io": self.manifest.get("io"),
             "notes": self.notes,
+            "arith_class": self.choice.get("class"),
+            "choice": self.choice,
         }
 
 
@@ -117,11 +197,12 @@ def load(config: RuntimeConfig) -> Model:
     loaded: Dict[Path, Tuple[dict, Any]] = {}
     slot, directory, manifest, notes = cache.open(_tester(config, loaded))
     # The session that just passed the self-test is the one that serves (no second load).
-    variant, session = loaded[directory]
-    return Model(slot, directory, manifest, variant, session, notes)
+    variant, session, choice = loaded[directory]
+    return Model(slot, directory, manifest, variant, session, notes, choice)
 
 
-def open(cache_dir: Union[str, os.PathLike] = DEFAULT_ROOT, keys: Sequence[Union[str, os.PathLike, PublicKey]] = (), threads: int = 1, prefer: Sequence[str] = ()) -> Model:  # noqa: A001 - mirrors builtins.open on purpose
+def open(cache_dir: Union[str, os.PathLike] = DEFAULT_ROOT, keys: Sequence[Union[str, os.PathLike, PublicKey]] = (), threads: int = 1, prefer: Sequence[str] = (),  # noqa: A001 - mirrors builtins.open on purpose
+         arith_class: Optional[str] = None, profile: Optional[str] = None) -> Model:
     """Open the model installed in ``cache_dir``.
 
     Args:
@@ -130,12 +211,15 @@ def open(cache_dir: Union[str, os.PathLike] = DEFAULT_ROOT, keys: Sequence[Union
             ``*.pub`` files in ``cache_dir/keys``.
         threads: Inference threads.
         prefer: Variant ids to prefer.
+        arith_class: This device's arithmetic class (default: detected).
+        profile: A device profile id the bundle was built for; its class overrides detection.
     """
     root = Path(cache_dir)
     pinned = [k if isinstance(k, PublicKey) else load_public_key(k) for k in keys]
     if not pinned:
         pinned = [load_public_key(p) for p in sorted((root / "keys").glob("*.pub"))]
-    config = RuntimeConfig(CacheConfig(root=root, trusted_keys=tuple(pinned)), prefer=tuple(prefer), threads=threads)
+    config = RuntimeConfig(CacheConfig(root=root, trusted_keys=tuple(pinned)), prefer=tuple(prefer), threads=threads,
+                           arith_class=arith_class, profile=profile)
     return load(config)
 
 

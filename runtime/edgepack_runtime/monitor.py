@@ -629,10 +629,8 @@ def load_candidate(config: Any, bundle: Any) -> Any:
 
     from .bundle import extract_bundle, verify_extracted
     from .cache import Slot, file_sha256
-    from .engines import load_session
     from .errors import EdgepackError
-    from .model import Model, _pick
-    from .selftest import self_test
+    from .model import Model, _tester
 
     path = Path(bundle)
     digest = file_sha256(path)
@@ -651,7 +649,7 @@ def load_candidate(config: Any, bundle: Any) -> Any:
     if manifest is None:
         extract_bundle(path, target, config.cache.trusted_keys, config.cache.limits)
         manifest = verify_extracted(target, config.cache.trusted_keys, config.cache.limits)
-    variant = _pick(manifest, config)
-    session = load_session(variant["engine"], target / variant["file"], config.threads)
-    self_test(session, variant["id"], target, manifest)
-    return Model(Slot(digest, manifest.name, manifest.version), target, manifest, variant, session, [])
+    loaded: dict = {}
+    _tester(config, loaded, record=False)(target, manifest)  # the candidate's own best certified variant
+    variant, session, choice = loaded[target]
+    return Model(Slot(digest, manifest.name, manifest.version), target, manifest, variant, session, [], choice)

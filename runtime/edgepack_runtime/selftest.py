@@ -9,7 +9,7 @@ at build (integer outputs must match exactly).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -45,6 +45,28 @@ def golden_feed(arrays: Mapping[str, np.ndarray], input_names: List[str]) -> Dic
     return {n: arrays[f"input:{n}"] for n in input_names}
 
 
+def golden_entry(manifest: Mapping, variant: Mapping, klass: str) -> Optional[Tuple[str, Mapping[str, float], str]]:
+    """Which expected outputs a device of ``klass`` checks ``variant`` against (pure).
+
+    Returns:
+        ``(outputs key, tolerances, why)``, or None when the variant is not certified for
+        that class (the device must not serve it). Bundles from before per-class golden
+        vectors have one set of outputs for every device.
+    """
+    golden = manifest.get("golden") or {}
+    vid = variant.get("id")
+    legacy = ((golden.get("tolerances") or {}).get(vid) or {})
+    classes = golden.get("classes")
+    if not isinstance(classes, Mapping) or vid not in classes:
+        return vid, legacy, "the bundle has one set of golden outputs for every device"
+    entry = (classes.get(vid) or {}).get(klass)
+    if isinstance(entry, Mapping) and isinstance(entry.get("outputs"), str):
+        return entry["outputs"], entry.get("tolerances") or {}, f"golden outputs measured under {klass} ({entry.get('how')})"
+    if variant.get("precision") == "fp32":
+        return vid, legacy, "fp32 runs float kernels, which integer arithmetic classes do not change"
+    return None
+
+
 def compare_golden(variant: str, output_names: List[str], outputs: List[np.ndarray], arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float]) -> List[str]:
     """Every output of ``variant`` that misses its golden value (empty list: passed). Pure."""
     problems = []
@@ -58,34 +80,52 @@ def compare_golden(variant: str, output_names: List[str], outputs: List[np.ndarr
         if got.shape != want.shape:
             problems.append(f"output {name!r} has shape {list(got.shape)}, expected {list(want.shape)}")
             continue
+        if got.dtype != want.dtype:
+            problems.append(f"output {name!r} is {got.dtype}, expected {want.dtype}")
+            continue
         if want.dtype.kind in "fc":
-            if not np.array_equal(np.isnan(want), np.isnan(got)):
-                problems.append(f"output {name!r} has NaN where the golden vectors do not")
+            # NaN expected and NaN produced would "match": a broken model must never pass that way.
+            if not np.all(np.isfinite(want)):
+                problems.append(f"the expected value of output {name!r} contains NaN or infinity (the bundle was built from a broken model)")
                 continue
-            finite = np.isfinite(want) & np.isfinite(got)
-            diff = np.abs(want.astype(np.float64)[finite] - got.astype(np.float64)[finite])
+            if not np.all(np.isfinite(got)):
+                problems.append(f"output {name!r} contains NaN or infinity")
+                continue
+            diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
             err = float(diff.max()) if diff.size else 0.0
             atol = float(tolerances.get(name, 0.0))
             if err > atol:
-                problems.append(f"output {name!r} differs by {err:.3g} (tolerance {atol:.3g})")
+                problems.append(f"output {name!r} differs by {err:.3g}, more than the {atol:.3g} tolerance")
         elif not np.array_equal(want, got):
             problems.append(f"output {name!r} differs (integer outputs must match exactly)")
     return problems
 
 
-def self_test(session, variant: str, directory: Path, manifest: Mapping) -> None:
-    """Run the golden inputs through ``session`` and compare.
+def self_test(session, variant: str, directory: Path, manifest: Mapping, klass: Optional[str] = None) -> None:
+    """Run the golden inputs through ``session`` and compare with the outputs expected for ``klass``.
+
+    Args:
+        klass: This device's arithmetic class (default: detected).
 
     Raises:
-        VerificationError: Naming the variant and every diverging output.
+        VerificationError: Naming the variant and every diverging output, or saying the
+            variant is not certified for this class.
     """
+    from .arith import host_class
+
+    klass = klass or host_class()
+    entry = next((v for v in manifest.get("variants", []) if v.get("id") == variant), {"id": variant})
+    chosen = golden_entry(manifest, entry, klass)
+    if chosen is None:
+        raise VerificationError(f"Variant {variant} is not certified for this device's arithmetic ({klass}); "
+                                "it was not measured there, so it is not served. Rebuild with a target of this class.")
+    key, tolerances, _why = chosen
     arrays = load_golden(directory, manifest)
     feed = golden_feed(arrays, session.input_names)
     try:
         outputs = session.run(feed)
     except Exception as exc:  # noqa: BLE001 - any engine failure fails the self-test
         raise VerificationError(f"Variant {variant} crashed on its golden vectors: {str(exc).splitlines()[0][:200]}") from exc
-    tolerances = ((manifest.get("golden") or {}).get("tolerances") or {}).get(variant, {})
-    problems = compare_golden(variant, session.output_names, outputs, arrays, tolerances)
+    problems = compare_golden(key, session.output_names, outputs, arrays, tolerances)
     if problems:
         raise VerificationError(f"Variant {variant} failed its golden-vector self-test: " + "; ".join(problems) + ".")
