@@ -16,11 +16,16 @@ def _emulators():
     import os
     import shutil
 
-    from edgepack.bench.emulator import EmulatorConfig, default_root, setup_emulator
+    import warnings
+
+    from edgepack.bench.emulator import EmulatorConfig, EmulatorError, default_root, setup_emulator
 
     root = Path(os.environ.get("EDGEPACK_EMULATOR_DIR") or default_root())
     if (root / "sysroot" / ".edgepack-emulator.json").is_file() or os.geteuid() == 0 or shutil.which("sudo"):
-        setup_emulator(EmulatorConfig(root=root))
+        try:
+            setup_emulator(EmulatorConfig(root=root))
+        except EmulatorError as exc:  # the tests that need it fail with the builds' own "not measured" sentences
+            warnings.warn(f"The emulator could not be set up: {exc}", stacklevel=1)
     yield
 
 

@@ -237,21 +237,24 @@ def test_vnni_reference_evaluation_computes_the_exact_products(emulators, photos
 
 @pytest.fixture(scope="module")
 def per_target_bundle(emulators, tmp_path_factory):
-    """Photos for rpi4 (aarch64-neon) and x86-gateway (x86-avx2), both asking for int8."""
+    """Photos for its own targets rpi5 (aarch64-dotprod) and x86-gateway (x86-avx2), plus rpi4 (aarch64-neon)."""
     from edgepack.build import build
 
     project = photos_project(tmp_path_factory.mktemp("per-target"), targets=[
-        {"device": "rpi4", "variants": ["fp32", "int8"]}, {"device": "x86-gateway", "variants": ["fp32", "int8"]}])
+        {"device": "rpi4", "variants": ["fp32", "int8"]}, {"device": "rpi5", "variants": ["fp32", "int8"]},
+        {"device": "x86-gateway", "variants": ["fp32", "int8"]}])
     return build(project)
 
 
 def test_int8_broken_on_x86_avx2_is_requantized_for_the_gateway_while_rpi4_keeps_it(per_target_bundle):
     manifest, report = per_target_bundle.manifest, per_target_bundle.report
     assert manifest["targets"] == {"rpi4": {"class": "aarch64-neon", "variants": ["onnx-fp32", "onnx-int8"]},
+                                   "rpi5": {"class": "aarch64-dotprod", "variants": ["onnx-fp32", "onnx-int8"]},
                                    "x86-gateway": {"class": "x86-avx2", "variants": ["onnx-fp32", "onnx-int8-x86-avx2"]}}
     variants = {v["id"]: v for v in manifest["variants"]}
-    assert variants["onnx-int8"]["devices"] == ["rpi4"] and "x86-avx2" not in variants["onnx-int8"]["classes"]
+    assert variants["onnx-int8"]["devices"] == ["rpi4", "rpi5"] and "x86-avx2" not in variants["onnx-int8"]["classes"]
     assert variants["onnx-int8"]["classes"]["aarch64-neon"]["how"] == "emulated:cortex-a72"
+    assert variants["onnx-int8"]["classes"]["aarch64-dotprod"]["how"] == "emulated:cortex-a76"
     fixed = variants["onnx-int8-x86-avx2"]
     assert fixed["devices"] == ["x86-gateway"] and fixed["file"] == "models/onnx-int8-x86-avx2.onnx"
     assert "reduce_range" in fixed["quantization"] and set(fixed["classes"]) == {"x86-avx2"}
@@ -286,6 +289,8 @@ def test_manifest_accuracy_matches_an_independent_emulated_run_of_the_shipped_fi
     emu = Emulator.open()
     commands = {
         ("onnx-int8", "aarch64-neon"): [emu.qemu, "-cpu", "cortex-a72", "-L", str(emu.sysroot), str(emu.python), "-s", "-B"],
+        # rpi5's number came from cortex-a76; the done-when's independent run is cortex-a72 (exact products on both).
+        ("onnx-int8", "aarch64-dotprod"): [emu.qemu, "-cpu", "cortex-a72", "-L", str(emu.sysroot), str(emu.python), "-s", "-B"],
         ("onnx-int8-x86-avx2", "x86-avx2"): [shutil.which("qemu-x86_64-static"), "-cpu", "Haswell", sys.executable, "-s", "-B"],
     }
     manifest = per_target_bundle.manifest
@@ -376,9 +381,9 @@ def test_unmeasured_class_gets_fp32_and_a_failing_variant_falls_back_to_the_next
     pub = bundle.parent.parent / "keys" / "photos.pub"
     cache = tmp_path / "cache"
     assert main(["install", str(bundle), "--cache", str(cache), "--key", str(pub)]) == 0
-    model = edgepack_runtime.open(cache, arith_class="aarch64-dotprod")  # a Pi 5: nobody measured it here
+    model = edgepack_runtime.open(cache, arith_class="x86_64-unclassified")  # an x86 without AVX2: nobody measured it
     assert model.variant["id"] == "onnx-fp32"
-    assert "not certified for this device's arithmetic aarch64-dotprod" in model.choice["refused"]["onnx-int8"]
+    assert "not certified for this device's arithmetic x86_64-unclassified" in model.choice["refused"]["onnx-int8"]
     # Break the int8 file's expected outputs for its class: the device serves fp32 instead of refusing the bundle.
     model = edgepack_runtime.open(cache, arith_class="aarch64-neon")
     assert model.variant["id"] == "onnx-int8"
@@ -476,3 +481,104 @@ def test_reused_measurement_gives_the_same_bundle_and_a_damaged_entry_is_measure
     rec = third.report["variants"]["onnx-int8"]["classes"]["aarch64-neon"]
     assert rec["cached"] is False and rec["how"] == "emulated:cortex-a72"
     assert member(third.bundle, "manifest.json") == digest
+
+
+# --------------------------------------------------------------------------- optimize --target
+
+
+def test_optimize_static_for_a_gateway_requantizes_and_for_a_pi_keeps_plain_int8(emulators, photos_models, tmp_path):
+    fp32, _ = photos_models
+    val, cal = np.load(PHOTOS / "val.npz"), np.load(PHOTOS / "calib.npz")
+    np.savez(tmp_path / "val.npz", image=val["raw"], labels=val["labels"])
+    np.savez(tmp_path / "cal.npz", image=cal["raw"])
+    common = [fp32, "--quantize", "static", "--calibration", tmp_path / "cal.npz", "--validation", tmp_path / "val.npz",
+              "--per-channel", "--max-accuracy-drop", "0.02", "--json"]
+    code, out, err = run("optimize", *common, "-o", tmp_path / "gw.onnx", "--target", "x86-gateway")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["target"]["class"] == "x86-avx2" and report["chosen"] == "static reduce_range"
+    plain = next(c for c in report["candidates"] if c["mode"] == "static")
+    assert plain["status"] == "rejected" and "under x86-avx2 (emulated:Haswell)" in plain["reason"] or \
+        plain["target"]["how"] == "native"  # an AVX2 host measures it natively
+    assert "accuracy dropped" in plain["reason"]
+    code, out, err = run("optimize", *common, "-o", tmp_path / "pi.onnx", "--target", "rpi4")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["chosen"] == "static" and report["candidates"][0]["target"]["how"] == "emulated:cortex-a72"
+    assert len(report["candidates"]) == 1  # nothing to re-quantize
+
+
+def test_optimize_target_without_data_measures_the_random_inputs_under_the_target(emulators, tmp_path):
+    code, out, err = run("optimize", tiny_model(tmp_path / "m.onnx"), "-o", tmp_path / "o.onnx", "--quantize", "dynamic",
+                         "--target", "rpi4", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    (dynamic,) = report["candidates"]
+    assert report["evaluation"]["kind"].startswith("random") and dynamic["target"]["how"] == "emulated:cortex-a72"
+    assert dynamic["target"]["numerics"]["cosine"] > 0.99
+
+
+def test_inspect_and_build_print_the_target_by_variant_table(per_target_bundle):
+    code, out, err = run("inspect", per_target_bundle.bundle)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.startswith("    x86-gateway") or line.startswith("    rpi4")]
+    assert ["x86-gateway", "x86-avx2", "onnx-int8-x86-avx2"] == rows[-1][:3] and rows[-1][-1] in ("emulated:Haswell", "native")
+    assert any(r[:3] == ["rpi4", "aarch64-neon", "onnx-int8"] and r[-1] == "emulated:cortex-a72" for r in rows)
+
+
+def test_all_nan_model_refused_by_build_verify_and_device_install(tmp_path):
+    """The defect as found: an all-NaN model whose golden vectors are NaN passed verify, install and upload."""
+    from onnx import numpy_helper
+
+    import bundles
+    from edgepack.build import build
+    from edgepack.errors import GateError
+    from edgepack_runtime.cli import main as runtime_main
+
+    project = photos_project(tmp_path / "p", targets=[{"device": "x86-gateway", "variants": ["fp32"]}])
+    model = onnx.load(str(project.parent / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(init).shape, np.nan, np.float32), init.name))
+    onnx.save(model, str(project.parent / "model.onnx"))
+    with pytest.raises(GateError, match=r"contains NaN or infinity under .*the model is broken"):
+        build(project)
+    assert not list((project.parent / "dist").glob("*.epk"))
+
+    # A bundle made outside edgepack build, its golden vectors computed from the NaN model itself.
+    nan = bundles.raw_classifier()
+    nan.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((4, 3), np.nan, np.float32), "w"))
+    priv, pub = bundles.keys(tmp_path)
+    bundle = bundles.make_bundle(tmp_path, priv, "1.0.0", nan)
+    code, out, err = run("verify", bundle, "--key", pub)
+    assert code == 1 and "contains NaN or infinity" in err
+    assert runtime_main(["install", str(bundle), "--cache", str(tmp_path / "cache"), "--key", str(pub)]) != 0
+    from edgepack_runtime.bundle import load_public_key
+    from edgepack_runtime.cache import Cache, CacheConfig
+
+    assert Cache(CacheConfig(root=tmp_path / "cache", trusted_keys=(load_public_key(pub),))).read_slot("current") is None
+
+
+def test_build_on_a_host_without_vnni_certifies_the_gateway_from_its_own_kernels(emulators, tmp_path):
+    """The whole build run on an AVX2-only CPU (qemu-x86_64 -cpu Haswell): what a non-VNNI workstation or CI host does.
+
+    qemu-user shows the guest the real host's /proc/cpuinfo, so the emulated host's class is
+    given with EDGEPACK_HOST_CLASS; the kernels are Haswell's, which is what the test is about:
+    the gateway's int8 is judged "native" there, fails the way it fails on such a host, and is
+    re-quantized, exactly as when the gateway is emulated from a VNNI host.
+    """
+    project = photos_project(tmp_path / "p", targets=[{"device": "x86-gateway", "variants": ["fp32", "int8"]}])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QEMU_")}
+    env.update(EDGEPACK_HOST_CLASS="x86-avx2", EDGEPACK_MEASURE_CACHE="off")
+    proc = subprocess.run([shutil.which("qemu-x86_64-static"), "-cpu", "Haswell", sys.executable, "-m", "edgepack",
+                           "build", str(project), "--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["host_class"] == "x86-avx2"
+    plain = report["variants"]["onnx-int8"]["classes"]["x86-avx2"]
+    assert plain["how"] == "native" and plain["passed"] is False
+    assert plain["reference_accuracy"] - plain["accuracy"] > 0.05  # the saturation, computed by Haswell's own kernels
+    verdict = report["targets"]["x86-gateway"]["variants"]["int8"]
+    assert verdict["status"] == "replaced" and verdict["shipped"] == "onnx-int8-x86-avx2"
+    fixed = report["variants"]["onnx-int8-x86-avx2"]["classes"]["x86-avx2"]
+    assert fixed["how"] == "native" and fixed["passed"] and fixed["reference_accuracy"] - fixed["accuracy"] <= 0.02

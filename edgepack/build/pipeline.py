@@ -627,10 +627,13 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
             failures.append(f"{t.device} ({classes_of[t.device]}): no declared variant passed its gates there: "
                             + "; ".join(v.reason for v in mine))
     for r in ship.values():
-        bad = [f"{r.id}: its golden output {name!r} contains NaN or infinity; the model is broken on these inputs"
-               for name, value in zip([o.name for o in r.session.get_outputs()], r.classes[next(iter(r.classes))].golden or [])
-               if np.asarray(value).dtype.kind in "fc" and not np.all(np.isfinite(value))]
-        failures.extend(bad)
+        names = [o.name for o in r.session.get_outputs()]
+        broken = sorted({f"{r.id}: its output {name!r} on the golden inputs contains NaN or infinity under {m.klass}; "
+                         "the model is broken on these inputs"
+                         for m in r.classes.values() if m.passed
+                         for name, value in zip(names, m.golden or [])
+                         if np.asarray(value).dtype.kind in "fc" and not np.all(np.isfinite(value))})
+        failures.extend(broken)
     if baseline_failure:
         failures.append(baseline_failure)
     if failures:

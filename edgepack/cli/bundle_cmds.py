@@ -290,10 +290,25 @@ def inspect(
         r = results.get(v.get("id")) or {}
         acc = r.get("accuracy")
         typer.echo(
-            f"    {str(v.get('id')):<12} {str(v.get('precision')):<5} {v.get('engine')}  "
+            f"    {str(v.get('id')):<20} {str(v.get('precision')):<5} {v.get('engine')}  "
             f"{'?' if not isinstance(size, int) else f'{size:,}'} B  "
             f"acc {'-' if acc is None else f'{acc * 100:.2f}%'}  devices {', '.join(v.get('devices') or []) or '-'}"
         )
+    targets = manifest.get("targets") or {}
+    if targets:
+        typer.echo("  per target (measured under each device's arithmetic class):")
+        by_id = {v.get("id"): v for v in manifest.get("variants", [])}
+        for device, t in targets.items():
+            klass = t.get("class")
+            for vid in t.get("variants") or []:
+                rec = ((by_id.get(vid) or {}).get("classes") or {}).get(klass) or {}
+                err = rec.get("max_abs_error")
+                typer.echo(f"    {device:<12} {str(klass):<16} {vid:<22} acc {_pct(rec.get('accuracy'))}  "
+                           f"agree {_pct(rec.get('agreement'))}  max err {'-' if err is None else f'{err:.3g}'}  "
+                           f"measured {rec.get('how') or 'host'}")
+        for reason in (manifest.get("gates") or {}).get("refused") or []:
+            for line in textwrap.wrap(f"refused: {reason}", 110):
+                typer.echo(f"      {line}")
     gates = manifest.get("gates") or {}
     thresholds = {k: v for k, v in (gates.get("thresholds") or {}).items() if v is not None}
     typer.echo(f"  gates: {', '.join(f'{k}={v}' for k, v in thresholds.items()) or 'none'} -> {'passed' if gates.get('passed') else 'unknown'}")

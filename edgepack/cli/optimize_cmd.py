@@ -29,6 +29,12 @@ def register(app: typer.Typer) -> None:
     app.command("optimize")(optimize)
 
 
+def _measure_config():
+    from .bundle_cmds import _measure_config as build_measure_config
+
+    return build_measure_config()
+
+
 @handle_errors
 def optimize(
     model: Path = typer.Argument(..., help="The ONNX model to optimize.", show_default=False),
@@ -41,6 +47,7 @@ def optimize(
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Largest allowed top-1 accuracy drop as a fraction (0.01 = one point). Needs labelled validation data."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Smallest allowed top-1 agreement with the original, as a fraction (e.g. 0.99)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Inference threads for every measurement."),
+    target: Optional[str] = typer.Option(None, "--target", help="Device profile id (e.g. rpi4): gate every candidate under that device's integer arithmetic (natively, under qemu, or by the VNNI reference), not only on this host."),
     runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per model (interleaved)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -68,6 +75,8 @@ def optimize(
         gate=gate,
         threads=threads,
         latency_runs=runs,
+        target=target,
+        measure=_measure_config() if target else None,
     )
     try:
         with progress_display(not as_json) as progress:

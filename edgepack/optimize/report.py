@@ -58,6 +58,16 @@ def render(report: OptimizeReport) -> None:
             status,
         )
     console.print(table)
+    target = data.get("target")
+    if target:
+        console.print(f"Target {target['device']} ({target['class']}; this host is {target['host_class']}):")
+        for c in data["candidates"]:
+            t = c.get("target") or {}
+            n = t.get("numerics") or {}
+            name = "graph-optimized fp32" if c["mode"] == "none" else c["mode"]
+            console.print(f"  {name:<28} accuracy {_pct(n.get('accuracy'))}  agree {_pct(n.get('agreement'))}  "
+                          f"max abs err {n['max_abs_error']:.3g}  measured {t.get('how')}" if n else
+                          f"  {name:<28} not measured under {target['class']}")
     ev = data["evaluation"]
     console.print(f"Measured on {ev['samples']} samples of {ev['kind']} data ({ev['source']}); gate: {data['gate']}; threads: {data['threads']}.")
     graph = data["graph"]
