@@ -272,4 +272,7 @@ def test_emulated_aarch64_bench_matches_the_host_and_labels_its_timings(digits_p
         assert rec["accuracy"] >= 0.97 and rec["peak_percent"] is None
     md = (tmp_path / "report" / "bench.md").read_text()
     assert "(emulated)" in md and "EMULATED timings" in md and "NOT device timings" in md
+    # qemu's default "max" CPU has dot product; host and guest outputs are compared across classes.
+    assert emu["arith_class"] == "aarch64-dotprod" and "arithmetic class aarch64-dotprod" in md
+    assert all(rec["vs_host"]["classes"] == [host["arith_class"], "aarch64-dotprod"] for rec in emu["variants"].values())
     assert (tmp_path / "report" / "latency.png").read_bytes()[:8] == PNG_MAGIC

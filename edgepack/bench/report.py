@@ -90,6 +90,13 @@ def markdown_table(result: dict) -> str:
             extra.append(f"governor {plat['cpu_governor']}")
         if env.get("device_note"):
             extra.append(env["device_note"])
+        if env.get("arith_class"):
+            certified = [vid for vid, rec in (env.get("variants") or {}).items() if rec.get("certified_for_class")]
+            uncertified = [vid for vid, rec in (env.get("variants") or {}).items() if rec.get("certified_for_class") is False]
+            extra.append(f"arithmetic class {env['arith_class']}"
+                         + (f", certified here: {', '.join(certified)}" if certified else "")
+                         + (f", NOT certified here (a device of this class would not serve them): {', '.join(uncertified)}"
+                            if uncertified else ""))
         lines.append(f"- {_env_name(env)}: {plat.get('machine')}, Python {plat.get('python')}, "
                      f"onnxruntime {plat.get('onnxruntime')}, numpy {plat.get('numpy')}"
                      + (f"; {'; '.join(extra)}" if extra else ""))

@@ -431,7 +431,14 @@ def _add_numerics(env: dict, outputs: dict, manifest: dict, host_outputs: dict |
 
     ref_v = _reference_variant(manifest, list(outputs))
     here = _env_class(env)
+    env["arith_class"] = here
     classes = (host_class(), here) if here else None
+    for v in outputs:
+        # What the bundle certified for this environment's class, and how the build measured it.
+        variant = next((x for x in manifest.get("variants") or [] if x.get("id") == v), {})
+        cert = (variant.get("classes") or {}).get(here) if here else None
+        env["variants"][v]["certified_for_class"] = None if variant.get("classes") is None else bool(cert) or variant.get("precision") == "fp32"
+        env["variants"][v]["build_measured"] = (cert or {}).get("how")
     for v, outs in outputs.items():
         rec = env["variants"][v]
         name = _first_output(outs, manifest)

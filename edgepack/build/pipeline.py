@@ -336,7 +336,8 @@ def _slower_than_fp32(result: VariantResult, results: dict) -> bool | None:
     fp32 = results.get("fp32")
     if result.variant == "fp32" or fp32 is None or result.latency is None or fp32.latency is None:
         return None
-    return result.latency.median_ms > fp32.latency.median_ms
+    # 10% margin, as optimize uses: sub-microsecond noise on a shared host is not "slower".
+    return result.latency.median_ms > fp32.latency.median_ms * 1.1
 
 
 def _baseline(path: Path, project, batch: int) -> dict:
