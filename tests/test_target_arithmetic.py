@@ -306,7 +306,7 @@ def test_manifest_accuracy_matches_an_independent_emulated_run_of_the_shipped_fi
     assert len(val["raw"]) == manifest["gates"]["results"]["onnx-int8"]["samples"]
 
 
-def test_golden_vectors_per_class_accept_their_class_and_reject_another(per_target_bundle):
+def test_golden_vectors_per_class_accept_their_class_and_reject_another(per_target_bundle, tmp_path):
     from edgepack.build.golden import read_npz
     from edgepack_runtime.selftest import compare_golden, golden_entry
 
@@ -318,9 +318,21 @@ def test_golden_vectors_per_class_accept_their_class_and_reject_another(per_targ
     names = [o["name"] for o in manifest["io"]["outputs"]]
     expected = [arrays[f"output:{key}:{n}"] for n in names]
     assert compare_golden(key, names, expected, arrays, tolerances) == []
-    # The plain file's outputs under Haswell (what a misdetected gateway would compute) fail.
+    # The plain file's outputs under Haswell (what a misdetected gateway would compute) fail the Arm entry.
+    from edgepack.arith import MeasureConfig, open_measurer
+
     haswell = per_target_bundle.report["variants"]["onnx-int8"]["classes"]["x86-avx2"]
     assert haswell["passed"] is False and haswell["how"] in ("emulated:Haswell", "native")
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(member(per_target_bundle.bundle, int8["file"]))
+    m = open_measurer("x86-avx2", path, "onnxruntime", MeasureConfig())
+    try:
+        feed = {i.name: arrays[f"input:{i.name}"] for i in m.session.get_inputs()}
+        wrong = m.session.run(None, feed)
+    finally:
+        m.close()
+    problems = compare_golden(key, names, wrong, arrays, tolerances)
+    assert problems and "more than the" in problems[0], problems
 
 
 def test_refused_when_no_requantization_passes_with_a_sentence_naming_the_class(emulators, tmp_path):
@@ -384,30 +396,35 @@ def test_unmeasured_class_gets_fp32_and_a_failing_variant_falls_back_to_the_next
     model = edgepack_runtime.open(cache, arith_class="x86_64-unclassified")  # an x86 without AVX2: nobody measured it
     assert model.variant["id"] == "onnx-fp32"
     assert "not certified for this device's arithmetic x86_64-unclassified" in model.choice["refused"]["onnx-int8"]
-    # Break the int8 file's expected outputs for its class: the device serves fp32 instead of refusing the bundle.
-    model = edgepack_runtime.open(cache, arith_class="aarch64-neon")
-    assert model.variant["id"] == "onnx-int8"
-    store = model.directory
-    golden = store / per_target_bundle.manifest["golden"]["file"]
-    arrays = dict(np.load(golden))
-    key = per_target_bundle.manifest["golden"]["classes"]["onnx-int8"]["aarch64-neon"]["outputs"]
+    # This host serves the int8 certified for its own class (onnx-int8 with VNNI or on Arm, the
+    # re-quantized onnx-int8-x86-avx2 without VNNI). Break that file's expected outputs: the
+    # device serves fp32 instead of refusing the bundle.
+    from edgepack_runtime.arith import host_class
+
+    klass = host_class()
+    manifest = per_target_bundle.manifest
+    certified = [v["id"] for v in manifest["variants"] if v["precision"] == "int8" and klass in v["classes"]]
+    if not certified:
+        pytest.skip(f"this host's class {klass} has no certified int8 variant, so it serves fp32 already")
+    (vid,) = certified
+    model = edgepack_runtime.open(cache)
+    assert model.variant["id"] == vid and model.choice["class"] == klass
+    key = manifest["golden"]["classes"][vid][klass]["outputs"]
+    arrays = dict(np.load(model.directory / manifest["golden"]["file"]))
     arrays[f"output:{key}:scores"] = arrays[f"output:{key}:scores"] + 0.5
     from edgepack_runtime.cache import CacheConfig
     from edgepack_runtime.model import RuntimeConfig, _tester
-    from edgepack_runtime.selftest import compare_golden
 
-    problems = compare_golden(key, ["scores"], [arrays[f"output:{key}:scores"] - 0.5], arrays, {"scores": 0.01})
-    assert problems and "more than the 0.01 tolerance" in problems[0]
     # The tester itself, on a copy of the install with the damaged golden file (hashes are checked by verify, not here).
     copy = tmp_path / "copy"
-    shutil.copytree(store, copy)
-    np.savez(copy / per_target_bundle.manifest["golden"]["file"], **arrays)
+    shutil.copytree(model.directory, copy)
+    np.savez(copy / manifest["golden"]["file"], **arrays)
     loaded: dict = {}
-    config = RuntimeConfig(CacheConfig(root=tmp_path / "c2", trusted_keys=()), arith_class="aarch64-neon")
     (tmp_path / "c2").mkdir()
-    _tester(config, loaded)(copy, model.manifest)
+    _tester(RuntimeConfig(CacheConfig(root=tmp_path / "c2", trusted_keys=())), loaded)(copy, model.manifest)
     variant, _session, choice = loaded[copy]
-    assert variant["id"] == "onnx-fp32" and "failed its golden-vector self-test" in choice["failed_self_test"]["onnx-int8"]
+    assert variant["id"] == "onnx-fp32" and "failed its golden-vector self-test" in choice["failed_self_test"][vid]
+    assert "more than the" in choice["failed_self_test"][vid]
 
 
 # --------------------------------------------------------------------------- NaN never passes
@@ -434,7 +451,8 @@ def test_all_nan_model_is_refused_by_the_build_and_nan_golden_vectors_never_matc
         def run(self, _names, feed):
             return [np.full((len(feed["x"]), 3), np.nan, np.float32)]
 
-    assert "contains NaN or infinity; the bundle was built from a broken model" in check_golden(Sess(), "v", arrays, {"y": 1.0})[0]
+    assert check_golden(Sess(), "v", arrays, {"y": 1.0}) == [
+        "v: the expected value of output 'y' contains NaN or infinity (the bundle was built from a broken model)"]
 
 
 def test_default_gate_refuses_an_int8_that_trades_answers_without_losing_accuracy():
@@ -498,9 +516,9 @@ def test_optimize_static_for_a_gateway_requantizes_and_for_a_pi_keeps_plain_int8
     report = json.loads(out)
     assert report["target"]["class"] == "x86-avx2" and report["chosen"] == "static reduce_range"
     plain = next(c for c in report["candidates"] if c["mode"] == "static")
-    assert plain["status"] == "rejected" and "under x86-avx2 (emulated:Haswell)" in plain["reason"] or \
-        plain["target"]["how"] == "native"  # an AVX2 host measures it natively
-    assert "accuracy dropped" in plain["reason"]
+    how = plain["target"]["how"]
+    assert how in ("emulated:Haswell", "native")  # an AVX2 host measures it natively
+    assert plain["status"] == "rejected" and f"under x86-avx2 ({how}): accuracy dropped" in plain["reason"]
     code, out, err = run("optimize", *common, "-o", tmp_path / "pi.onnx", "--target", "rpi4")
     assert code == 0, err
     report = json.loads(out)

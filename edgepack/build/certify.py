@@ -103,7 +103,7 @@ def _describe_numerics(n) -> str:
 
 def measure(result, klass: str, *, host_class: str, host_session, reference, validation, batch: int,
             golden_feed: dict, gate: Callable, config, run: Callable, progress: Callable[[str], None],
-            data_digest: str = "") -> ClassMeasurement:
+            data_digest: Callable[[], str] | None = None) -> ClassMeasurement:
     """Measure one built variant under ``klass`` and gate it there (reusing an identical earlier measurement)."""
     from ..arith import RemoteError, Unavailable, open_measurer
     from ..arith.cache import MeasurementCache
@@ -115,9 +115,9 @@ def measure(result, klass: str, *, host_class: str, host_session, reference, val
     if is_float(result.variant):
         return ClassMeasurement(klass, "host", result.numerics, gate(result, result.numerics), run(host_session, golden_feed))
     engine = variant_engine(result.variant)
-    cache = MeasurementCache(getattr(config, "cache_dir", None) if data_digest else None)
+    cache = MeasurementCache(config.cache_dir if data_digest is not None else None)
     how = planned_how(klass, engine, config)
-    key = cache.key(result.model_bytes, data_digest, golden_feed, klass, how or "", engine) if how and cache.root else ""
+    key = cache.key(result.model_bytes, data_digest(), golden_feed, klass, how, engine) if how and cache.root else ""
     hit = cache.get(key) if key else None
     if hit is not None:
         numerics, golden = hit
@@ -148,7 +148,8 @@ def measure(result, klass: str, *, host_class: str, host_session, reference, val
 
 def certify(project, results: dict, *, host_class: str, classes_of: dict[str, str], sessions: dict, reference,
             validation, calibration, batch: int, golden_feed: dict, gate: Callable, config, run: Callable,
-            requantize: Callable[[dict], Any], progress: Callable[[str], None], data_digest: str = "") -> list[TargetVerdict]:
+            requantize: Callable[[dict], Any], progress: Callable[[str], None],
+            data_digest: Callable[[], str] | None = None) -> list[TargetVerdict]:
     """Measure every variant under every class that needs it; decide every (target, variant) pair.
 
     Args:
@@ -156,6 +157,8 @@ def certify(project, results: dict, *, host_class: str, classes_of: dict[str, st
             added to it under ``"int8@<class>"`` keys.
         classes_of: target device -> arithmetic class.
         requantize: ``requantize(option_changes) -> VariantResult`` builds a new int8 file.
+        data_digest: The validation data's digest, computed on first use (only an emulated
+            measurement needs it, to reuse an identical earlier one); None: never reuse.
 
     Returns:
         One verdict per declared (target, variant) pair.

@@ -107,37 +107,16 @@ def output_key(variant: str, name: str) -> str:
 
 
 def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float]) -> list[str]:
-    """Run ``sess`` on the golden inputs; describe every output outside its tolerance."""
+    """Run ``sess`` on the golden inputs; describe every output outside its tolerance.
+
+    The comparison is the device's own (:func:`edgepack_runtime.selftest.compare_golden`), so
+    ``edgepack verify`` and a device's self-test can never disagree about the same outputs.
+    """
+    from edgepack_runtime.selftest import compare_golden
+
     feed = {i.name: arrays[input_key(i.name)] for i in sess.get_inputs() if input_key(i.name) in arrays}
     missing = [i.name for i in sess.get_inputs() if input_key(i.name) not in arrays]
     if missing:
         return [f"{variant}: golden vectors have no input {', '.join(missing)}"]
     names = [o.name for o in sess.get_outputs()]
-    outputs = sess.run(None, feed)
-    problems = []
-    for name, got in zip(names, outputs):
-        key = output_key(variant, name)
-        if key not in arrays:
-            problems.append(f"{variant}: golden vectors have no expected output {name!r}")
-            continue
-        want = arrays[key]
-        got = np.asarray(got)
-        if got.shape != want.shape or got.dtype != want.dtype:
-            problems.append(f"{variant}: output {name!r} is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
-            continue
-        atol = float(tolerances.get(name, 0.0))
-        if want.dtype.kind in "fc":
-            # A NaN golden value "matching" a NaN output proves nothing: a broken model passes that way.
-            if not np.all(np.isfinite(want)):
-                problems.append(f"{variant}: the golden vectors' output {name!r} contains NaN or infinity; the bundle was built from a broken model")
-                continue
-            if not np.all(np.isfinite(got)):
-                problems.append(f"{variant}: output {name!r} contains NaN or infinity on the golden inputs")
-                continue
-            diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
-            err = float(np.max(diff)) if diff.size else 0.0
-            if err > atol:
-                problems.append(f"{variant}: output {name!r} differs from the golden vectors by {err:.3g}, more than the {atol:.3g} tolerance")
-        elif not np.array_equal(want, got):
-            problems.append(f"{variant}: output {name!r} differs from the golden vectors (integer outputs must match exactly)")
-    return problems
+    return [f"{variant}: {p}" for p in compare_golden(variant, names, sess.run(None, feed), arrays, tolerances)]

@@ -22,6 +22,7 @@ latency gate's threshold and verdict.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import tempfile
@@ -245,7 +246,7 @@ def _session(model_bytes: bytes, what: str):
 # --------------------------------------------------------------------------- variants
 
 
-def _variants(project, fp32_bytes: bytes, calibration, batch: int, progress: Progress, warnings: list[str]) -> dict[str, VariantResult]:
+def _variants(project, fp32_bytes: bytes, calibration, options, progress: Progress, warnings: list[str]) -> dict[str, VariantResult]:
     out: dict[str, VariantResult] = {}
     # One quantization per variant here; class-specific re-quantizations happen in certify.
     for variant in project.variants:
@@ -257,7 +258,6 @@ def _variants(project, fp32_bytes: bytes, calibration, batch: int, progress: Pro
             continue
         progress(f"Quantizing ({variant})")
         mode = "static" if variant == "int8" else "fp16"
-        options = _quant_options(project, fp32_bytes, batch)
         data, audit = _quantize_bytes(mode, fp32_bytes, options, calibration if mode == "static" else None)
         if audit.left_float:
             warnings.append(f"{variant}: {len(audit.left_float)} of {audit.weights_total} weight ops stayed float: "
@@ -509,7 +509,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         fold_info.update(applied=False, detail=note)
         warnings.append(note)
 
-    results = _variants(project, fp32_bytes, calibration, batch, progress, warnings)
+    quant_options = _quant_options(project, fp32_bytes, batch)
+    results = _variants(project, fp32_bytes, calibration, quant_options, progress, warnings)
     tflite = [v for v in project.variants if v.startswith("tflite-")]
     if tflite:
         from ..convert.tflite import build_tflite_variants
@@ -544,7 +545,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     def requantize(changes: dict) -> VariantResult:
         from dataclasses import replace
 
-        options = replace(_quant_options(project, fp32_bytes, batch), **changes)
+        options = replace(quant_options, **changes)
         data, audit = _quantize_bytes("static", fp32_bytes, options, calibration)
         sess = _session(data, f"int8 re-quantized with {options.describe()}")
         candidate = VariantResult("int8", data, audit=audit, quantization=options.describe(), session=sess)
@@ -558,7 +559,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                        validation=validation, calibration=calibration, batch=batch, golden_feed=golden_feed,
                        gate=lambda r, n: _gate_failures(project, r, n), config=measure_config, run=_run,
                        requantize=requantize, progress=progress,
-                       data_digest=dataset_digest(validation, batch) if measure_config.cache_dir else "")
+                       data_digest=functools.cache(lambda: dataset_digest(validation, batch)) if measure_config.cache_dir else None)
     shipped_ids = {v.shipped for v in verdicts if v.shipped}
     ship = {key: r for key, r in results.items() if r.id in shipped_ids}
     for r in results.values():
