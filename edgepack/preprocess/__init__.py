@@ -17,12 +17,20 @@ from .graph import (
     METADATA_LABELS,
     METADATA_POSTPROCESS,
     METADATA_PREPROCESS,
+    OUTPUT_LETTERBOX,
     FoldResult,
     embed_preprocessing,
     fold_normalization,
     try_fold_normalization,
 )
-from .reference import apply_reference, check_raw_input, labels_for, postprocess_reference
+from .reference import (
+    apply_reference,
+    check_raw_input,
+    labels_for,
+    letterbox_reference,
+    postprocess_reference,
+    unletterbox_boxes,
+)
 from .spec import (
     LUMA_WEIGHTS,
     Column,
@@ -37,7 +45,7 @@ from .spec import (
 
 __all__ = [
     "LUMA_WEIGHTS", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS",
-    "Column", "ColumnPlan", "FoldResult", "ImagePreprocess", "Postprocess", "Preprocess", "TabularPreprocess",
+    "OUTPUT_LETTERBOX", "Column", "ColumnPlan", "FoldResult", "ImagePreprocess", "Postprocess", "Preprocess", "TabularPreprocess",
     "apply_reference", "check_raw_input", "embed_preprocessing", "fit_tabular", "fold_normalization",
-    "labels_for", "postprocess_reference", "preprocess_from_dict", "try_fold_normalization",
+    "labels_for", "letterbox_reference", "postprocess_reference", "unletterbox_boxes", "preprocess_from_dict", "try_fold_normalization",
 ]

@@ -23,11 +23,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ConfigError, ModelError
-from .reference import color_indices, color_matrix, crop_start, has_spatial_ops, tabular_tables
+from .reference import color_indices, color_matrix, crop_start, has_spatial_ops, pad_constants, tabular_tables
 from .spec import ImagePreprocess, Postprocess, Preprocess, TabularPreprocess
 
 __all__ = [
-    "FoldResult", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS", "MIN_OPSET",
+    "FoldResult", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS", "MIN_OPSET", "OUTPUT_LETTERBOX",
     "embed_preprocessing", "fold_normalization", "try_fold_normalization",
 ]
 
@@ -40,6 +40,8 @@ METADATA_LABELS = "edgepack.labels"
 OUTPUT_SCORES = "scores"
 OUTPUT_TOP_K_INDICES = "top_k_indices"
 OUTPUT_TOP_K_SCORES = "top_k_scores"
+#: Extra output of a letterboxing model: float32 [N, 6] scale_y, scale_x, pad_top, pad_left, raw_h, raw_w.
+OUTPUT_LETTERBOX = "letterbox"
 PREFIX = "pre"
 
 
@@ -182,10 +184,15 @@ def _image_nodes(b: _Builder, pre: ImagePreprocess, raw: str) -> None:
     elif (indices := color_indices(pre)) is not None:
         x = b.op("Gather", [x, b.const("channel_map", _i64(indices))], "channels", axis=3)
     if has_spatial_ops(pre):
-        # Resize/crop run channels-first: that is the bilinear kernel every runtime has.
+        # Resize/pad/crop run channels-first: that is the resize kernel every runtime has.
         x = b.op("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
-        if pre.resize is not None or pre.resize_shorter is not None:
-            x = _resize_nodes(b, pre, x)
+        if pre.resize_mode is not None:
+            shape = b.op("Shape", [x], "shape")
+            hw_in = b.op("Slice", [shape, b.const("hw_start", _i64([2])), b.const("hw_end", _i64([4]))], "hw_in")
+            hw = _target_size_nodes(b, pre, hw_in)
+            x = _RESIZERS[pre.interpolation](b, x, shape, hw_in, hw)
+            if pre.pads:
+                x = _pad_nodes(b, pre, x, shape, hw_in, hw)
         if pre.center_crop is not None:
             x = _crop_nodes(b, pre, x)
         if pre.layout == "NHWC":
@@ -204,23 +211,125 @@ def _image_nodes(b: _Builder, pre: ImagePreprocess, raw: str) -> None:
         b.op("Div", [x, b.const("std", std)], "div_std")
 
 
-def _resize_nodes(b: _Builder, pre: ImagePreprocess, x: str) -> str:
-    shape = b.op("Shape", [x], "shape")
-    batch_channels = b.op("Slice", [shape, b.const("nc_start", _i64([0])), b.const("nc_end", _i64([2]))], "nc")
+def _target_size_nodes(b: _Builder, pre: ImagePreprocess, hw_in: str) -> str:
+    """int64 [2] (h, w) after the resize, by the integer rules of ``ImagePreprocess.resized_size``."""
     if pre.resize is not None:
-        hw = b.const("resize_hw", _i64(pre.resize))
-    else:
-        # Output size depends on the input: floor(side * S / shorter side), in int64 so
-        # it equals the reference's integer arithmetic exactly.
-        hw_in = b.op("Slice", [shape, b.const("hw_start", _i64([2])), b.const("hw_end", _i64([4]))], "hw_in")
-        height = b.op("Slice", [shape, b.const("h_start", _i64([2])), b.const("h_end", _i64([3]))], "h_in")
-        width = b.op("Slice", [shape, b.const("w_start", _i64([3])), b.const("w_end", _i64([4]))], "w_in")
+        return b.const("resize_hw", _i64(pre.resize))
+    height = b.op("Slice", [hw_in, b.const("h_start", _i64([0])), b.const("h_end", _i64([1]))], "h_in")
+    width = b.op("Slice", [hw_in, b.const("w_start", _i64([1])), b.const("w_end", _i64([2]))], "w_in")
+    one = b.const("one", _i64([1]))
+    if pre.resize_shorter is not None:
+        # floor(side * S / shorter side), in int64 so it equals the reference exactly.
         shorter = b.op("Min", [height, width], "shorter")
         scaled = b.op("Mul", [hw_in, b.const("shorter_target", _i64([pre.resize_shorter]))], "hw_scaled")
-        hw = b.op("Div", [scaled, shorter], "resize_hw")
-    sizes = b.op("Concat", [batch_channels, hw], "resize_sizes", axis=0)
-    return b.op("Resize", [x, "", "", sizes], "resize", mode="linear",
+        return b.op("Div", [scaled, shorter], "resize_hw")
+    if pre.keep_ratio_pad is not None:
+        target_h, target_w = pre.keep_ratio_pad
+        # ceil(Ht * W / H) = (Ht * W + H - 1) // H, clamped to [1, Wt].
+        numerator = b.op("Add", [b.op("Mul", [width, b.const("target_h", _i64([target_h]))], "w_times_ht"),
+                                 b.op("Sub", [height, one], "h_minus_1")], "ceil_numerator")
+        ceil = b.op("Div", [numerator, height], "ceil_width")
+        new_w = b.op("Max", [b.op("Min", [ceil, b.const("target_w", _i64([target_w]))], "clamp_width"), one],
+                     "new_width")
+        return b.op("Concat", [b.const("fixed_h", _i64([target_h])), new_w], "resize_hw", axis=0)
+    target_h, target_w = pre.letterbox
+    two = b.const("two_i", _i64([2]))
+    ht, wt = b.const("target_h", _i64([target_h])), b.const("target_w", _i64([target_w]))
+    # The limiting side is exactly its target; the other is round_half_up(side * scale).
+    height_limits = b.op("GreaterOrEqual", [b.op("Mul", [height, wt], "h_times_wt"),
+                                            b.op("Mul", [width, ht], "w_times_ht")], "height_limits")
+
+    def rounded(side: str, target: str, other: str, stem: str) -> str:
+        numerator = b.op("Add", [b.op("Mul", [b.op("Mul", [side, target], f"{stem}_scaled"), two], f"{stem}_twice"),
+                                 other], f"{stem}_half_up")
+        quotient = b.op("Div", [numerator, b.op("Mul", [other, two], f"{stem}_denominator")], f"{stem}_rounded")
+        return b.op("Max", [quotient, one], f"{stem}_at_least_1")
+
+    new_w = b.op("Where", [height_limits, rounded(width, ht, height, "lb_w"), wt], "new_width")
+    new_h = b.op("Where", [height_limits, ht, rounded(height, wt, width, "lb_h")], "new_height")
+    return b.op("Concat", [new_h, new_w], "resize_hw", axis=0)
+
+
+def _sizes(b: _Builder, shape: str, hw: str) -> str:
+    batch_channels = b.op("Slice", [shape, b.const("nc_start", _i64([0])), b.const("nc_end", _i64([2]))], "nc")
+    return b.op("Concat", [batch_channels, hw], "resize_sizes", axis=0)
+
+
+def _resize_bilinear(b: _Builder, x: str, shape: str, hw_in: str, hw: str) -> str:
+    return b.op("Resize", [x, "", "", _sizes(b, shape, hw)], "resize", mode="linear",
                 coordinate_transformation_mode="half_pixel")
+
+
+def _resize_nearest(b: _Builder, x: str, shape: str, hw_in: str, hw: str) -> str:
+    return b.op("Resize", [x, "", "", _sizes(b, shape, hw)], "resize", mode="nearest",
+                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+def _area_axis(b: _Builder, in_len: str, out_len: str, stem: str) -> str:
+    """[out, in] float32 box weights, the same operations as ``reference.area_weights``."""
+    axis0 = b.const(f"{stem}_axis0", _i64([0]))
+    n = b.op("Cast", [b.op("Squeeze", [in_len, axis0], f"{stem}_in")], f"{stem}_in_f", to=TensorProto.FLOAT)
+    m = b.op("Cast", [b.op("Squeeze", [out_len, axis0], f"{stem}_out")], f"{stem}_out_f", to=TensorProto.FLOAT)
+    zero, one = b.const(f"{stem}_zero", np.float32(0)), b.const(f"{stem}_one", np.float32(1))
+    step = b.op("Div", [n, m], f"{stem}_step")
+    i = b.op("Unsqueeze", [b.op("Range", [zero, m, one], f"{stem}_i"), b.const(f"{stem}_axis1", _i64([1]))],
+             f"{stem}_i_col")
+    j = b.op("Unsqueeze", [b.op("Range", [zero, n, one], f"{stem}_j"), axis0], f"{stem}_j_row")
+    low = b.op("Mul", [i, step], f"{stem}_low")
+    high = b.op("Mul", [b.op("Add", [i, one], f"{stem}_i_next"), step], f"{stem}_high")
+    overlap = b.op("Sub", [b.op("Min", [high, b.op("Add", [j, one], f"{stem}_j_next")], f"{stem}_right"),
+                           b.op("Max", [low, j], f"{stem}_left")], f"{stem}_overlap")
+    return b.op("Div", [b.op("Max", [overlap, zero], f"{stem}_covered"), step], f"{stem}_weights")
+
+
+def _resize_area(b: _Builder, x: str, shape: str, hw_in: str, hw: str) -> str:
+    # ONNX Resize has no area mode; a box average is two MatMuls with coverage weights
+    # built from the runtime sizes, so one graph serves every input size.
+    def pick(tensor: str, k: int, stem: str) -> str:
+        return b.op("Slice", [tensor, b.const(f"{stem}_s", _i64([k])), b.const(f"{stem}_e", _i64([k + 1]))], stem)
+
+    rows = _area_axis(b, pick(hw_in, 0, "area_h_in"), pick(hw, 0, "area_h_out"), "area_rows")
+    cols = _area_axis(b, pick(hw_in, 1, "area_w_in"), pick(hw, 1, "area_w_out"), "area_cols")
+    across = b.op("MatMul", [x, b.op("Transpose", [cols], "area_cols_t", perm=[1, 0])], "area_across")
+    return b.op("MatMul", [rows, across], "area_resize")
+
+
+#: interpolation name -> graph builder; reference.RESIZERS is the numpy twin.
+_RESIZERS = {"bilinear": _resize_bilinear, "nearest": _resize_nearest, "area": _resize_area}
+
+
+def _pad_nodes(b: _Builder, pre: ImagePreprocess, x: str, shape: str, hw_in: str, hw: str) -> str:
+    target = b.const("pad_target", _i64(pre.keep_ratio_pad or pre.letterbox))
+    extra = b.op("Sub", [target, hw], "pad_extra")
+    if pre.keep_ratio_pad is not None:
+        begin = b.const("pad_begin", _i64([0, 0]))
+    else:
+        begin = b.op("Div", [extra, b.const("two", _i64([2]))], "pad_begin")
+        _letterbox_nodes(b, shape, hw_in, hw, begin)  # before the Pad: the last node must stay the model input
+    end = b.op("Sub", [extra, begin], "pad_end")
+    zeros = b.const("pad_nc", _i64([0, 0]))
+    pads = b.op("Concat", [zeros, begin, zeros, end], "pads", axis=0)
+    value, per_channel = pad_constants(pre)
+    if per_channel is not None:
+        # ONNX Pad takes one scalar: pad (x - c) with 0, then add c back, per channel.
+        x = b.op("Sub", [x, b.const("pad_shift", per_channel)], "pad_shift")
+    x = b.op("Pad", [x, pads, b.const("pad_value", np.asarray(value, dtype=np.float32))], "pad", mode="constant")
+    if per_channel is not None:
+        x = b.op("Add", [x, b.const("pad_unshift", per_channel)], "pad_unshift")
+    return x
+
+
+def _letterbox_nodes(b: _Builder, shape: str, hw_in: str, hw: str, begin: str) -> None:
+    def f32(tensor: str, stem: str) -> str:
+        return b.op("Cast", [tensor], stem, to=TensorProto.FLOAT)
+
+    raw_hw = f32(hw_in, "lb_raw_hw")
+    scale = b.op("Div", [f32(hw, "lb_new_hw"), raw_hw], "lb_scale")
+    row = b.op("Concat", [scale, f32(begin, "lb_pad_begin"), raw_hw], "lb_row", axis=0)
+    row = b.op("Unsqueeze", [row, b.const("lb_axis0", _i64([0]))], "lb_row_2d")
+    batch = b.op("Slice", [shape, b.const("lb_n_start", _i64([0])), b.const("lb_n_end", _i64([1]))], "lb_batch")
+    rows = b.op("Concat", [batch, b.const("lb_six", _i64([6]))], "lb_shape", axis=0)
+    b.op("Expand", [row, rows], "letterbox", outputs=[OUTPUT_LETTERBOX])
 
 
 def _crop_nodes(b: _Builder, pre: ImagePreprocess, x: str) -> str:
@@ -380,6 +489,12 @@ def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postproce
     if raw_input_name in taken:
         raise ModelError(f"The model already uses the name {raw_input_name!r}; pass another raw_input_name.")
     taken.add(raw_input_name)
+    letterbox = isinstance(pre, ImagePreprocess) and pre.letterbox is not None
+    if letterbox and OUTPUT_LETTERBOX in taken:
+        raise ModelError(f"The model already has a tensor named {OUTPUT_LETTERBOX!r}, which the letterbox transform "
+                         f"output uses; rename it in the exporter.")
+    if letterbox:
+        taken.add(OUTPUT_LETTERBOX)
 
     b = _Builder(PREFIX, taken)
     (_image_nodes if isinstance(pre, ImagePreprocess) else _tabular_nodes)(b, pre, raw_input_name)
@@ -404,6 +519,11 @@ def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postproce
             graph.output.extend([*new_outputs, *rest])
             nodes.extend(post_builder.nodes)
             b.initializers.extend(post_builder.initializers)
+
+    if letterbox:
+        # Last, so the model's own outputs keep their positions (the first stays the first).
+        batch = _dims(model_input)[0] if _dims(model_input) and _dims(model_input)[0] is not None else "batch"
+        graph.output.append(helper.make_tensor_value_info(OUTPUT_LETTERBOX, TensorProto.FLOAT, [batch, 6]))
 
     del graph.node[:]
     graph.node.extend(nodes)

@@ -18,7 +18,8 @@ import numpy as np
 from ..errors import DataError
 from .spec import LUMA_WEIGHTS, ImagePreprocess, Postprocess, Preprocess, TabularPreprocess
 
-__all__ = ["apply_reference", "check_raw_input", "labels_for", "postprocess_reference"]
+__all__ = ["apply_reference", "check_raw_input", "labels_for", "postprocess_reference", "unletterbox_boxes",
+           "letterbox_reference"]
 
 _F32 = np.float32
 
@@ -122,6 +123,13 @@ def apply_reference(pre: Preprocess, raw: np.ndarray) -> np.ndarray:
     return _tabular(pre, raw)
 
 
+def letterbox_reference(pre: ImagePreprocess, raw: np.ndarray) -> np.ndarray:
+    """The embedded model's ``letterbox`` output (float32 ``[N, 6]``) for raw images of one size."""
+    check_raw_input(pre, raw)
+    row = pre.letterbox_transform(raw.shape[1], raw.shape[2])
+    return np.tile(np.asarray(row, dtype=_F32), (raw.shape[0], 1))
+
+
 def color_matrix(pre: ImagePreprocess) -> np.ndarray | None:
     """Luma weights ``[raw_channels, 1]`` for rgb/bgr -> gray, else None."""
     if pre.model_color != "gray" or pre.color == "gray":
@@ -140,8 +148,36 @@ def color_indices(pre: ImagePreprocess) -> tuple[int, ...] | None:
 
 
 def has_spatial_ops(pre: ImagePreprocess) -> bool:
-    """True when resize or crop run (they run channels-first, like the kernels expect)."""
-    return pre.resize is not None or pre.resize_shorter is not None or pre.center_crop is not None
+    """True when resize, pad or crop run (they run channels-first, like the kernels expect)."""
+    return pre.resize_mode is not None or pre.center_crop is not None
+
+
+def pad_constants(pre: ImagePreprocess) -> tuple[float, np.ndarray | None]:
+    """How the graph pads: ``(scalar, None)`` for one Pad with that value, or ``(0, per-channel
+    [C, 1, 1] raw values)`` for Sub -> Pad(0) -> Add, since ONNX Pad takes one scalar."""
+    values = np.asarray(pre.channel_pad_value(), dtype=_F32)
+    if np.all(values == values[0]):
+        return float(values[0]), None
+    return 0.0, values.reshape(-1, 1, 1)
+
+
+def unletterbox_boxes(boxes: np.ndarray, transform: np.ndarray, clip: bool = True) -> np.ndarray:
+    """Map ``x1, y1, x2, y2`` boxes from letterboxed model-input pixels back to raw pixels.
+
+    The same pure function as ``edgepack_runtime.unletterbox_boxes`` (the device side).
+
+    Args:
+        boxes: ``[..., 4]`` boxes, or ``[N, K, 4]`` with one transform row per image.
+        transform: The model's ``letterbox`` output, ``[6]`` or ``[N, 6]``: ``scale_y,
+            scale_x, pad_top, pad_left, raw_height, raw_width``.
+        clip: Clip to the raw image (``0..raw_width``, ``0..raw_height``).
+
+    Returns:
+        float32 boxes of the same shape in raw pixel coordinates.
+    """
+    from edgepack_runtime.boxes import unletterbox_boxes as _device
+
+    return _device(boxes, transform, clip)
 
 
 def crop_start(size: int, crop: int) -> int:
@@ -158,8 +194,10 @@ def _image(pre: ImagePreprocess, raw: np.ndarray) -> np.ndarray:
     if has_spatial_ops(pre):
         x = x.transpose(0, 3, 1, 2)
         height, width = x.shape[2], x.shape[3]
-        if pre.resize is not None or pre.resize_shorter is not None:
-            x = _resize_bilinear_nchw(x, pre.resized_size(height, width))
+        if pre.resize_mode is not None:
+            x = RESIZERS[pre.interpolation](x, pre.resized_size(height, width))
+        if pre.pads:
+            x = _pad_nchw(x, pre.pad_amounts(height, width), *pad_constants(pre))
         if pre.center_crop is not None:
             (ch, cw), (h, w) = pre.center_crop, x.shape[2:]
             top, left = crop_start(h, ch), crop_start(w, cw)
@@ -205,6 +243,48 @@ def _resize_bilinear_nchw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     w12 = dy1[:, None] * dx2[None, :]
     w22 = dy1[:, None] * dx1[None, :]
     return (w11 * x11 + w21 * x21 + w12 * x12 + w22 * x22).astype(_F32)
+
+
+def _nearest_nchw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest resize, ``src = floor(dst / (out / in))`` in float32 (ONNX asymmetric + floor)."""
+    def index(in_len: int, out_len: int) -> np.ndarray:
+        scale = _F32(out_len) / _F32(in_len)
+        coord = np.arange(out_len, dtype=_F32) / scale
+        return np.clip(np.floor(coord).astype(np.int64), 0, in_len - 1)
+
+    return x[:, :, index(x.shape[2], size[0])][:, :, :, index(x.shape[3], size[1])]
+
+
+def area_weights(in_len: int, out_len: int) -> np.ndarray:
+    """``[out, in]`` box-average weights: the covered fraction of each input pixel / the box size.
+
+    float32 and in the graph's order of operations, so both build the same matrix.
+    """
+    step = _F32(in_len) / _F32(out_len)
+    i = np.arange(out_len, dtype=_F32)[:, None]
+    j = np.arange(in_len, dtype=_F32)[None, :]
+    low, high = i * step, (i + _F32(1)) * step
+    overlap = np.maximum(np.minimum(high, j + _F32(1)) - np.maximum(low, j), _F32(0))
+    return (overlap / step).astype(_F32)
+
+
+def _area_nchw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Exact box average (any factor): ``rows @ x @ cols.T`` with :func:`area_weights`."""
+    rows, cols = area_weights(x.shape[2], size[0]), area_weights(x.shape[3], size[1])
+    return (rows @ (x @ cols.T)).astype(_F32)
+
+
+#: interpolation name -> ``[N, C, H, W]`` float32 resize to ``(h, w)``; graph.py has the twin registry.
+RESIZERS = {"bilinear": _resize_bilinear_nchw, "nearest": _nearest_nchw, "area": _area_nchw}
+
+
+def _pad_nchw(x: np.ndarray, amounts: tuple[int, int, int, int], value: float, per_channel: np.ndarray | None
+              ) -> np.ndarray:
+    top, left, bottom, right = amounts
+    if per_channel is not None:
+        x = x - per_channel
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=_F32(value))
+    return x + per_channel if per_channel is not None else x
 
 
 def tabular_tables(pre: TabularPreprocess) -> dict[str, np.ndarray]:

@@ -26,12 +26,15 @@ __all__ = [
 
 Color = Literal["rgb", "bgr", "gray"]
 Layout = Literal["NCHW", "NHWC"]
+Interpolation = Literal["bilinear", "nearest", "area"]
 ColumnKind = Literal["numeric", "categorical"]
 Scaling = Literal["none", "standard", "minmax"]
 ImputeStrategy = Literal["auto", "mean", "median", "most_frequent", "none"]
 
 _COLORS = ("rgb", "bgr", "gray")
 _LAYOUTS = ("NCHW", "NHWC")
+_INTERPOLATIONS = ("bilinear", "nearest", "area")
+_RESIZE_MODES = ("resize", "resize_shorter", "keep_ratio_pad", "letterbox")
 _KINDS = ("numeric", "categorical")
 _SCALINGS = ("none", "standard", "minmax")
 _STRATEGIES = ("auto", "mean", "median", "most_frequent", "none")
@@ -74,9 +77,37 @@ def _as_tuple(value: Any) -> Any:
 class ImagePreprocess:
     """How a raw uint8 image becomes the model's float32 input.
 
-    Steps run in this order: color conversion, resize, center crop, ``(x * scale -
-    mean) / std``, layout. Raw input is uint8 ``[N, H, W, C]`` with ``C`` 3 for rgb/bgr
-    and 1 for gray; everything after the cast is float32.
+    Steps run in this order: color conversion, resize (one of ``resize``,
+    ``resize_shorter``, ``keep_ratio_pad``, ``letterbox``), padding (the last two),
+    center crop, ``(x * scale - mean) / std``, layout. Raw input is uint8 ``[N, H, W, C]``
+    with ``C`` 3 for rgb/bgr and 1 for gray; everything after the cast is float32.
+
+    Geometry rules (integer arithmetic, identical in the graph and the reference):
+
+    * ``resize`` (stretch): output is exactly ``resize``.
+    * ``resize_shorter``: shorter side ``S``, longer side ``floor(long * S / short)``.
+    * ``keep_ratio_pad`` ``(Ht, Wt)`` -- the PaddleOCR text-line rule: height ``Ht``,
+      width ``min(Wt, ceil(Ht * W / H))`` (at least 1), then pad on the RIGHT to ``Wt``.
+      The ceiling is exact integer arithmetic (PaddleOCR's float ``math.ceil(Ht * W / H)``
+      can differ by one pixel when ``Ht * W / H`` is an integer that float64 misses).
+    * ``letterbox`` ``(Ht, Wt)`` -- the YOLO rule: scale ``min(Ht / H, Wt / W)``; the
+      limiting side becomes exactly its target and the other ``round_half_up(side *
+      scale)`` (at least 1); then pad centred, ``pad_top = (Ht - h) // 2`` and
+      ``pad_left = (Wt - w) // 2`` (an odd remainder goes to the bottom/right). The
+      model gets an extra output ``letterbox`` (float32 ``[N, 6]``: ``scale_y, scale_x,
+      pad_top, pad_left, raw_height, raw_width``) with ``scale_* = resized / raw`` per
+      axis, so :func:`unletterbox_boxes` maps boxes back to raw pixels.
+
+    Interpolation (every resize step uses the same one):
+
+    * ``bilinear``: half_pixel source coordinates, no antialias, clamped at the border
+      (cv2.INTER_LINEAR, PIL without its reducing filter only when enlarging).
+    * ``nearest``: ``src = floor(dst * in / out)`` (ONNX ``asymmetric`` + ``floor``,
+      cv2.INTER_NEAREST), with the ratio computed in float32 as onnxruntime does.
+    * ``area``: exact box average -- each output pixel is the mean of the input area it
+      covers, edge pixels weighted by the covered fraction (cv2.INTER_AREA when
+      shrinking, for any factor; when enlarging it is the same coverage rule, not
+      cv2's bilinear fallback).
 
     Attributes:
         color: Channel order of the raw input.
@@ -84,13 +115,17 @@ class ImagePreprocess:
             rgb/bgr->gray uses :data:`LUMA_WEIGHTS`, gray->rgb/bgr repeats the channel.
         min_size: Smallest accepted raw ``(height, width)``; at least ``(2, 2)``.
         max_size: Largest accepted raw ``(height, width)``.
-        resize: Fixed output ``(height, width)`` of a bilinear resize (half_pixel,
-            no antialias), or None.
-        resize_shorter: Resize so the shorter side has this length, keeping aspect
-            (longer side ``floor(long * size / short)``), or None. Exclusive with
-            ``resize``.
+        resize: Fixed output ``(height, width)`` (stretch), or None.
+        resize_shorter: Resize so the shorter side has this length, keeping aspect, or None.
+        keep_ratio_pad: ``(height, width)`` of the PaddleOCR keep-ratio + right-pad rule, or None.
+        letterbox: ``(height, width)`` of the YOLO letterbox, or None. The four resize
+            modes are mutually exclusive.
+        interpolation: ``bilinear``, ``nearest`` or ``area`` (see above).
+        pad_value: Value of padded pixels in RAW units (0-255 pixel scale, before
+            ``scale``/``mean``/``std``), one per model channel or one for all; e.g.
+            YOLO's 114, or 127.5 for PaddleOCR's zero padding after ``(x/255 - 0.5)/0.5``.
         center_crop: ``(height, width)`` cut from the center, or None. The top-left
-            corner is ``((H - h) // 2, (W - w) // 2)``.
+            corner is ``((H - h) // 2, (W - w) // 2)``. Not with the padding modes.
         scale: Multiplier applied first, e.g. ``1/255``.
         mean: Per model channel (or one value for all), subtracted after ``scale``.
         std: Per model channel (or one value for all), divisor after ``mean``.
@@ -103,6 +138,10 @@ class ImagePreprocess:
     max_size: tuple[int, int] = (4096, 4096)
     resize: tuple[int, int] | None = None
     resize_shorter: int | None = None
+    keep_ratio_pad: tuple[int, int] | None = None
+    letterbox: tuple[int, int] | None = None
+    interpolation: Interpolation = "bilinear"
+    pad_value: tuple[float, ...] = (0.0,)
     center_crop: tuple[int, int] | None = None
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0,)
@@ -131,8 +170,23 @@ class ImagePreprocess:
         """``std`` expanded to one value per model channel."""
         return self.std * self.model_channels if len(self.std) == 1 else self.std
 
+    def channel_pad_value(self) -> tuple[float, ...]:
+        """``pad_value`` expanded to one raw-unit value per model channel."""
+        return self.pad_value * self.model_channels if len(self.pad_value) == 1 else self.pad_value
+
+    @property
+    def resize_mode(self) -> str | None:
+        """Which resize step is declared (``resize``, ``resize_shorter``, ``keep_ratio_pad``, ``letterbox``), or None."""
+        declared = [m for m in _RESIZE_MODES if getattr(self, m) is not None]
+        return declared[0] if declared else None
+
+    @property
+    def pads(self) -> bool:
+        """True when a padding step follows the resize (keep_ratio_pad, letterbox)."""
+        return self.keep_ratio_pad is not None or self.letterbox is not None
+
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """Spatial size after the resize step for a raw image of ``height x width``."""
+        """Spatial size after the resize step (before any padding) for a raw ``height x width`` image."""
         if self.resize is not None:
             return self.resize
         if self.resize_shorter is not None:
@@ -141,19 +195,46 @@ class ImagePreprocess:
             # within rounding distance of an integer it is not equal to.
             short = min(height, width)
             return (height * self.resize_shorter // short, width * self.resize_shorter // short)
+        if self.keep_ratio_pad is not None:
+            target_h, target_w = self.keep_ratio_pad
+            return (target_h, max(1, min(target_w, -(-target_h * width // height))))
+        if self.letterbox is not None:
+            target_h, target_w = self.letterbox
+            if height * target_w >= width * target_h:  # height limits: scale = target_h / height
+                return (target_h, max(1, (2 * width * target_h + height) // (2 * height)))
+            return (max(1, (2 * height * target_w + width) // (2 * width)), target_w)
         return (height, width)
+
+    def pad_amounts(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(top, left, bottom, right)`` padding after the resize for a raw ``height x width`` image."""
+        target = self.keep_ratio_pad or self.letterbox
+        if target is None:
+            return (0, 0, 0, 0)
+        h, w = self.resized_size(height, width)
+        extra_h, extra_w = target[0] - h, target[1] - w
+        if self.keep_ratio_pad is not None:
+            return (0, 0, extra_h, extra_w)
+        return (extra_h // 2, extra_w // 2, extra_h - extra_h // 2, extra_w - extra_w // 2)
+
+    def letterbox_transform(self, height: int, width: int) -> tuple[float, float, float, float, float, float]:
+        """The ``letterbox`` output row for a raw ``height x width`` image (see the class docstring)."""
+        h, w = self.resized_size(height, width)
+        top, left, _, _ = self.pad_amounts(height, width)
+        return (float(np.float32(h) / np.float32(height)), float(np.float32(w) / np.float32(width)),
+                float(top), float(left), float(height), float(width))
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the model input for a raw image of ``height x width``."""
-        return self.center_crop if self.center_crop is not None else self.resized_size(height, width)
+        if self.center_crop is not None:
+            return self.center_crop
+        return self.keep_ratio_pad or self.letterbox or self.resized_size(height, width)
 
     @property
     def static_output_size(self) -> tuple[int, int] | None:
         """Model-input ``(height, width)`` when it does not depend on the raw size."""
-        if self.center_crop is not None:
-            return self.center_crop
-        if self.resize is not None:
-            return self.resize
+        for fixed in (self.center_crop, self.resize, self.keep_ratio_pad, self.letterbox):
+            if fixed is not None:
+                return fixed
         if self.resize_shorter is None and tuple(self.min_size) == tuple(self.max_size):
             return tuple(self.min_size)  # fixed raw size, nothing rescales it
         return None
@@ -188,13 +269,21 @@ class ImagePreprocess:
                                 f"got {self.min_size}.")
             if self.max_size[0] < self.min_size[0] or self.max_size[1] < self.min_size[1]:
                 problems.append(f"max_size {self.max_size} must not be smaller than min_size {self.min_size}.")
-        if self.resize is not None and self.resize_shorter is not None:
-            problems.append("resize and resize_shorter are mutually exclusive; keep one of them.")
-        if self.resize is not None and (problem := _pair_problem("resize", self.resize)):
-            problems.append(problem)
+        declared = [m for m in _RESIZE_MODES if getattr(self, m) is not None]
+        if len(declared) > 1:
+            problems.append(f"{' and '.join(declared)} are mutually exclusive resize modes; keep one of them.")
+        for name in ("resize", "keep_ratio_pad", "letterbox"):
+            if getattr(self, name) is not None and (problem := _pair_problem(name, getattr(self, name))):
+                problems.append(problem)
+        if self.interpolation not in _INTERPOLATIONS:
+            problems.append(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {self.interpolation!r}.")
+        if self.center_crop is not None and self.pads:
+            mode = "keep_ratio_pad" if self.keep_ratio_pad is not None else "letterbox"
+            problems.append(f"center_crop cannot follow {mode}: it would cut the padding that {mode} adds; "
+                            f"remove center_crop (the {mode} size is already the model input size).")
         if self.resize_shorter is not None and not (_is_int(self.resize_shorter) and self.resize_shorter >= 1):
             problems.append(f"resize_shorter must be a positive integer, got {self.resize_shorter!r}.")
-        if self.center_crop is not None:
+        if self.center_crop is not None and not self.pads:
             problem = _pair_problem("center_crop", self.center_crop)
             if problem:
                 problems.append(problem)
@@ -203,13 +292,16 @@ class ImagePreprocess:
         if not (_is_real(self.scale) and math.isfinite(self.scale) and self.scale != 0):
             problems.append(f"scale must be a finite non-zero number, got {self.scale!r}.")
         channels = self.model_channels if self.model_color in _COLORS else None
-        for name in ("mean", "std"):
+        for name in ("mean", "std", "pad_value"):
             values = getattr(self, name)
             if not (isinstance(values, tuple) and values and all(_is_real(v) and math.isfinite(v) for v in values)):
                 problems.append(f"{name} must be a non-empty list of finite numbers, got {values!r}.")
             elif channels is not None and len(values) not in (1, channels):
                 problems.append(f"{name} has {len(values)} values but model_color {self.model_color!r} has "
                                 f"{channels} channel(s); give one value per channel or a single value.")
+        if not self.pads and isinstance(self.pad_value, tuple) and self.pad_value != (0.0,):
+            problems.append("pad_value is only used by keep_ratio_pad or letterbox; add one of them or remove "
+                            "pad_value.")
         if isinstance(self.std, tuple) and any(_is_real(v) and v == 0 for v in self.std):
             problems.append("std must not contain 0; use 1 to leave a channel unscaled.")
         return _raise_if(problems, "image preprocessing", raise_errors)
