@@ -266,20 +266,23 @@ def _resize_nearest(b: _Builder, x: str, shape: str, hw_in: str, hw: str) -> str
 
 
 def _area_axis(b: _Builder, in_len: str, out_len: str, stem: str) -> str:
-    """[out, in] float32 box weights, the same operations as ``reference.area_weights``."""
+    """[out, in] float32 box weights by the exact int64 rule of ``reference.area_weights``."""
     axis0 = b.const(f"{stem}_axis0", _i64([0]))
-    n = b.op("Cast", [b.op("Squeeze", [in_len, axis0], f"{stem}_in")], f"{stem}_in_f", to=TensorProto.FLOAT)
-    m = b.op("Cast", [b.op("Squeeze", [out_len, axis0], f"{stem}_out")], f"{stem}_out_f", to=TensorProto.FLOAT)
-    zero, one = b.const(f"{stem}_zero", np.float32(0)), b.const(f"{stem}_one", np.float32(1))
-    step = b.op("Div", [n, m], f"{stem}_step")
+    n = b.op("Squeeze", [in_len, axis0], f"{stem}_in")
+    m = b.op("Squeeze", [out_len, axis0], f"{stem}_out")
+    zero, one = b.const(f"{stem}_zero", np.int64(0)), b.const(f"{stem}_one", np.int64(1))
     i = b.op("Unsqueeze", [b.op("Range", [zero, m, one], f"{stem}_i"), b.const(f"{stem}_axis1", _i64([1]))],
              f"{stem}_i_col")
     j = b.op("Unsqueeze", [b.op("Range", [zero, n, one], f"{stem}_j"), axis0], f"{stem}_j_row")
-    low = b.op("Mul", [i, step], f"{stem}_low")
-    high = b.op("Mul", [b.op("Add", [i, one], f"{stem}_i_next"), step], f"{stem}_high")
-    overlap = b.op("Sub", [b.op("Min", [high, b.op("Add", [j, one], f"{stem}_j_next")], f"{stem}_right"),
-                           b.op("Max", [low, j], f"{stem}_left")], f"{stem}_overlap")
-    return b.op("Div", [b.op("Max", [overlap, zero], f"{stem}_covered"), step], f"{stem}_weights")
+    box_start = b.op("Mul", [i, n], f"{stem}_box_start")
+    box_end = b.op("Mul", [b.op("Add", [i, one], f"{stem}_i_next"), n], f"{stem}_box_end")
+    pixel_start = b.op("Mul", [j, m], f"{stem}_pixel_start")
+    pixel_end = b.op("Mul", [b.op("Add", [j, one], f"{stem}_j_next"), m], f"{stem}_pixel_end")
+    overlap = b.op("Sub", [b.op("Min", [box_end, pixel_end], f"{stem}_right"),
+                           b.op("Max", [box_start, pixel_start], f"{stem}_left")], f"{stem}_overlap")
+    covered = b.op("Cast", [b.op("Max", [overlap, zero], f"{stem}_covered")], f"{stem}_covered_f",
+                   to=TensorProto.FLOAT)
+    return b.op("Div", [covered, b.op("Cast", [n], f"{stem}_in_f", to=TensorProto.FLOAT)], f"{stem}_weights")
 
 
 def _resize_area(b: _Builder, x: str, shape: str, hw_in: str, hw: str) -> str:

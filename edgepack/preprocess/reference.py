@@ -258,14 +258,15 @@ def _nearest_nchw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def area_weights(in_len: int, out_len: int) -> np.ndarray:
     """``[out, in]`` box-average weights: the covered fraction of each input pixel / the box size.
 
-    float32 and in the graph's order of operations, so both build the same matrix.
+    Coordinates are counted in units of ``1 / (in * out)`` so every edge is an exact
+    integer (output box ``i`` spans ``[i * in, (i + 1) * in)``, input pixel ``j`` spans
+    ``[j * out, (j + 1) * out)``); the only rounding is the final float32 ``overlap / in``.
+    The graph does the same int64 arithmetic, so both build the same matrix.
     """
-    step = _F32(in_len) / _F32(out_len)
-    i = np.arange(out_len, dtype=_F32)[:, None]
-    j = np.arange(in_len, dtype=_F32)[None, :]
-    low, high = i * step, (i + _F32(1)) * step
-    overlap = np.maximum(np.minimum(high, j + _F32(1)) - np.maximum(low, j), _F32(0))
-    return (overlap / step).astype(_F32)
+    i = np.arange(out_len, dtype=np.int64)[:, None]
+    j = np.arange(in_len, dtype=np.int64)[None, :]
+    overlap = np.maximum(np.minimum((i + 1) * in_len, (j + 1) * out_len) - np.maximum(i * in_len, j * out_len), 0)
+    return overlap.astype(_F32) / _F32(in_len)
 
 
 def _area_nchw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -102,8 +102,10 @@ class ImagePreprocess:
 
     * ``bilinear``: half_pixel source coordinates, no antialias, clamped at the border
       (cv2.INTER_LINEAR, PIL without its reducing filter only when enlarging).
-    * ``nearest``: ``src = floor(dst * in / out)`` (ONNX ``asymmetric`` + ``floor``,
-      cv2.INTER_NEAREST), with the ratio computed in float32 as onnxruntime does.
+    * ``nearest``: ``src = floor(dst / float32(out / in))`` (ONNX ``asymmetric`` +
+      ``floor``, the rule of cv2.INTER_NEAREST), computed in float32 as onnxruntime does;
+      the float32 ratio moves a few pixels by one against the exact integer
+      ``floor(dst * in / out)`` for about 3% of (in, out) size pairs.
     * ``area``: exact box average -- each output pixel is the mean of the input area it
       covers, edge pixels weighted by the covered fraction (cv2.INTER_AREA when
       shrinking, for any factor; when enlarging it is the same coverage rule, not

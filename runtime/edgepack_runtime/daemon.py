@@ -86,7 +86,7 @@ from .metrics import Metrics, input_edges
 from .model import Model, RuntimeConfig, load
 from .monitor import LabelQueue, Shadow, load_candidate, monitor_for
 from .predlog import PredictionLog, UnknownPrediction
-from .validate import InputValidationError
+from .validate import ImageListFeed, InputValidationError, run_image_list
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
@@ -924,8 +924,14 @@ class Daemon:
             return self._bad(InputValidationError("body", "is nested too deeply"), close)
         monitor = self.monitor
         t0 = time.perf_counter()
+        parts = None  # a list of images of different sizes: [(feed, outputs)] of its one-image runs
         try:
-            outputs = state.run(checked)
+            if type(checked) is not ImageListFeed:
+                outputs = state.run(checked)
+            else:
+                outputs, parts = run_image_list(state.run, checked, state.output_names)
+        except InputValidationError as exc:  # the images' outputs differ in shape beyond the batch axis
+            return self._bad(exc, close)
         except Exception as exc:  # noqa: BLE001 - engine failures are answered, not fatal
             if monitor is not None:
                 monitor.record(time.perf_counter() - t0, error=True)
@@ -942,20 +948,25 @@ class Daemon:
                     break
             monitor.record(elapsed, nonfinite=nonfinite)
         window = state.window
+        runs = ((checked, outputs),) if parts is None else parts  # statistics see every model run
         if window is not None:
-            named = dict(zip(state.output_names, outputs))
-            window.record(checked, named, time.perf_counter() - t0 if monitor is None else elapsed)
-            if window.shadow is not None:
-                window.shadow.offer(checked, named)
+            latency = (time.perf_counter() - t0 if monitor is None else elapsed) / len(runs)
+            for run_feed, run_outputs in runs:
+                named = dict(zip(state.output_names, run_outputs))
+                window.record(run_feed, named, latency)
+                if window.shadow is not None:
+                    window.shadow.offer(run_feed, named)
         pid = self._id_prefix + "%x" % next(self._ids)
-        nbytes = 0
-        for array in checked.values():
-            nbytes += array.nbytes
-        self.metrics.prediction(state, checked, outputs, nbytes)
+        for run_feed, run_outputs in runs:
+            nbytes = 0
+            for array in run_feed.values():
+                nbytes += array.nbytes
+            self.metrics.prediction(state, run_feed, run_outputs, nbytes)
         log = self.predlog
         if log is not None and log.sample > 0.0 and (log.sample >= 1.0 or random.random() < log.sample):
             loggable = {n: o for n, o in zip(state.output_names, outputs) if isinstance(o, np.ndarray) and not o.dtype.hasobject}
-            if log.log(pid, state.ident, checked, loggable):
+            logged = checked if parts is None else {f"{n}[{i}]": a for n, images in checked.items() for i, a in enumerate(images)}
+            if log.log(pid, state.ident, logged, loggable):
                 self._remember_prediction(pid, state, outputs)
         accept = headers.get(b"accept")
         if accept is not None and _NPY in accept and isinstance(outputs[0], np.ndarray) and not outputs[0].dtype.hasobject:

@@ -15,7 +15,7 @@ from .arith import host_class
 from .engines import available_engines, cpu_features, load_session, rank_variants
 from .errors import EdgepackError, UpdateError, VerificationError
 from .selftest import self_test
-from .validate import check_feed
+from .validate import ImageListFeed, InputValidationError, check_feed, check_image_list, is_image_list, run_image_list
 
 
 @dataclass(frozen=True)
@@ -154,23 +154,43 @@ class Model:
     def version(self) -> str:
         return self.manifest.version
 
-    def validate(self, raw: Union[np.ndarray, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
-        """Check raw input against the manifest schema (raises InputValidationError)."""
-        feed = raw if type(raw) is dict or (not isinstance(raw, np.ndarray) and isinstance(raw, Mapping)) else {self.session.input_names[0]: raw}
+    def validate(self, raw: Union[np.ndarray, Sequence[np.ndarray], Mapping[str, Any]]) -> Dict[str, np.ndarray]:
+        """Check raw input against the manifest schema (raises InputValidationError).
+
+        A list of images of different sizes for an image input (single-input models)
+        comes back as an :class:`~.validate.ImageListFeed` of ``[1, H, W, C]`` arrays.
+        """
+        feed = raw if type(raw) is dict or (not isinstance(raw, (np.ndarray, list, tuple)) and isinstance(raw, Mapping)) else {self.session.input_names[0]: raw}
         if not self.inputs:
             return {k: np.asarray(v) for k, v in feed.items()}
+        for spec in self.inputs:
+            value = feed.get(spec["name"])
+            if is_image_list(spec, value):
+                if len(self.inputs) != 1 or len(feed) != 1:
+                    raise InputValidationError(spec["name"], "a list of images of different sizes is accepted only by single-input models; send one request per size")
+                return ImageListFeed({spec["name"]: check_image_list(spec, value)})
         return check_feed(self.inputs, feed)
 
-    def predict(self, raw: Union[np.ndarray, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
+    def run(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        """Run a validated feed; an ImageListFeed runs each image on its own, outputs concatenated in order."""
+        if type(feed) is ImageListFeed:
+            return run_image_list(self.session.run, feed, self.output_names)[0]
+        return self.session.run(feed)
+
+    def predict(self, raw: Union[np.ndarray, Sequence[np.ndarray], Mapping[str, Any]]) -> Dict[str, np.ndarray]:
         """Run the model on raw input (an array for single-input models, or a dict by name).
 
+        For an image input whose preprocessing accepts a size range, ``raw`` (or the
+        dict's value) may be a LIST of ``[H, W, C]`` images of different sizes: each is
+        preprocessed and run on its own and the outputs are concatenated along the batch
+        axis in list order.
+
         Raises:
-            InputValidationError: The input does not match the manifest's schema; the
-                model is not run.
+            InputValidationError: The input does not match the manifest's schema (for a
+                list, the error names the element, e.g. ``raw[2]``); the model is not run.
         """
         feed = self.validate(raw)
-        outputs = self.session.run(feed)
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(self.output_names, self.run(feed)))
 
     def info(self) -> Dict[str, Any]:
         return {

@@ -155,3 +155,82 @@ def check_feed(inputs: List[Mapping[str, Any]], feed: Mapping[str, Any]) -> Dict
     if len(batches) > 1:
         raise InputValidationError(names[0], f"inputs disagree on the batch size {sorted(batches)}")
     return checked
+
+
+class ImageListFeed(dict):
+    """A validated request holding a LIST of raw images of different sizes for one input.
+
+    Maps the input name to a list of ``[1, H, W, C]`` arrays (request order). The
+    embedded preprocessing handles one image size per run, so :func:`run_image_list`
+    runs each image on its own and concatenates the outputs along the batch axis.
+    """
+
+
+def _image_shape(element: Any) -> Optional[Tuple[int, ...]]:
+    """Shape of one image given as an array, or (H, W) of a nested list, without converting it."""
+    if isinstance(element, np.ndarray):
+        return tuple(element.shape)
+    if type(element) is list and element and type(element[0]) is list:
+        return (len(element), len(element[0]))
+    return None
+
+
+def is_image_list(spec: Mapping[str, Any], value: Any) -> bool:
+    """True when ``value`` is a list of images of DIFFERENT sizes for an image input.
+
+    A list whose images all share one size is an ordinary ``[N, H, W, C]`` batch and
+    takes the usual (faster) path with the same result.
+    """
+    if not isinstance(spec.get("size_range"), Mapping) or type(value) not in (list, tuple) or len(value) < 2:
+        return False
+    return len({_image_shape(e) for e in value}) > 1
+
+
+def check_image_list(spec: Mapping[str, Any], value: Any, max_bytes: int = MAX_INPUT_BYTES) -> List[np.ndarray]:
+    """Validate each image of a list on its own; errors name the element (``raw[2]``)."""
+    name = spec["name"]
+    images: List[np.ndarray] = []
+    left = max_bytes
+    for index, element in enumerate(value):
+        field = f"{name}[{index}]"
+        shape = element.shape if isinstance(element, np.ndarray) else None
+        if shape is not None and len(shape) != 3:
+            raise InputValidationError(field, f"must be one image [H, W, C] in a list of images, got shape {list(shape)}")
+        channels = (_dims(spec) or [None])[-1]
+        if shape is not None and isinstance(channels, int) and channels > 0 and shape[2] != channels:
+            raise InputValidationError(field, f"has shape {list(shape)}, expected {channels} channel(s) [H, W, {channels}]")
+        if shape is None and not (type(element) is list and element and type(element[0]) is list):
+            raise InputValidationError(field, "must be one image [H, W, C] (nested lists of pixel values)")
+        array = check_input(dict(spec, name=field), element[None] if shape is not None else [element], left)
+        left -= array.nbytes
+        images.append(array)
+    return images
+
+
+def run_image_list(run: Any, feed: ImageListFeed, output_names: List[str]) -> Tuple[List[np.ndarray], List[Tuple[Dict[str, np.ndarray], List[np.ndarray]]]]:
+    """Run each image of ``feed`` on its own; outputs concatenated along axis 0, in request order.
+
+    Returns:
+        The concatenated outputs and, per image, its own ``(feed, outputs)`` (one model
+        run each, for statistics).
+
+    Raises:
+        InputValidationError: The images give outputs of different shapes beyond the
+            batch axis (the model's output depends on the image size).
+    """
+    ((name, images),) = feed.items()
+    parts = []
+    for image in images:
+        single = {name: image}
+        parts.append((single, list(run(single))))
+    first = parts[0][1]
+    outputs = []
+    for k, out in enumerate(first):
+        label = output_names[k] if k < len(output_names) else str(k)
+        for index, (_, other) in enumerate(parts[1:], start=1):
+            if not isinstance(out, np.ndarray) or out.ndim == 0 or other[k].shape[1:] != out.shape[1:]:
+                shapes = f"{list(np.shape(out))} and {list(np.shape(other[k]))}"
+                raise InputValidationError(f"{name}[{index}]", f"gives output {label!r} shaped {shapes} for images 0 and {index}; "
+                                                               f"this model's outputs depend on the image size, so send these images in separate requests")
+        outputs.append(np.concatenate([p[1][k] for p in parts], axis=0))
+    return outputs, parts
