@@ -162,7 +162,7 @@ def test_letterbox_centres_and_its_transform_maps_a_box_back_to_raw_pixels(h, w)
     y1, x1, y2, x2 = h // 4, w // 4, max(h // 4 + 1, 3 * h // 4), max(w // 4 + 1, 3 * w // 4)
     raw[0, y1:y2, x1:x2] = 255
     image, transform = embedded(pre).run(None, {"raw": raw})
-    np.testing.assert_allclose(transform, [[nh / h, nw / w, top, left, h, w]], rtol=1e-6)
+    np.testing.assert_array_equal(transform, [[nh, nw, top, left, h, w]])
     band = np.ones((target[0], target[1]), bool)
     band[top:top + nh, left:left + nw] = False
     assert np.all(image[0][:, band] == 114.0), "the letterbox band must hold the pad value"
@@ -177,11 +177,13 @@ def test_letterbox_centres_and_its_transform_maps_a_box_back_to_raw_pixels(h, w)
 def test_unletterbox_boxes_is_one_function_on_both_sides_and_handles_batches():
     import edgepack_runtime
 
-    transform = np.array([[0.5, 0.25, 10.0, 3.0, 200.0, 400.0], [2.0, 2.0, 0.0, 8.0, 30.0, 40.0]], np.float32)
+    # Rows: resized h, w, pad top, left, raw h, w -> scales (0.5, 0.25) and (2, 2).
+    transform = np.array([[100, 100, 10, 3, 200, 400], [60, 80, 0, 8, 30, 40]], np.float32)
+    scale_y, scale_x = (transform[:, 0] / transform[:, 4])[:, None, None], (transform[:, 1] / transform[:, 5])[:, None, None]
     raw_boxes = np.array([[[0, 0, 400, 200], [100, 50, 120, 60]], [[1, 2, 3, 4], [0, 0, 40, 30]]], np.float32)
     model_boxes = raw_boxes.copy()
-    model_boxes[..., 0::2] = raw_boxes[..., 0::2] * transform[:, None, 1:2] + transform[:, None, 3:4]
-    model_boxes[..., 1::2] = raw_boxes[..., 1::2] * transform[:, None, 0:1] + transform[:, None, 2:3]
+    model_boxes[..., 0::2] = raw_boxes[..., 0::2] * scale_x + transform[:, None, 3:4]
+    model_boxes[..., 1::2] = raw_boxes[..., 1::2] * scale_y + transform[:, None, 2:3]
     for fn in (unletterbox_boxes, edgepack_runtime.unletterbox_boxes):
         np.testing.assert_allclose(fn(model_boxes, transform), raw_boxes, atol=1e-4)
         np.testing.assert_allclose(fn(model_boxes[1], transform[1]), raw_boxes[1], atol=1e-4)
@@ -440,6 +442,8 @@ def test_runtime_predicts_a_list_of_images_of_different_sizes_in_request_order(l
         np.testing.assert_array_equal(together[name], np.concatenate([o[name] for o in one_by_one]))
     assert together["logits"].shape == (3, 4)
     # Each image was letterboxed at its own size: the transform rows say so, in order.
+    np.testing.assert_array_equal(together[OUTPUT_LETTERBOX][:, :2], [pre.resized_size(20, 50), pre.resized_size(7, 300),
+                                                                     pre.resized_size(120, 31)])
     np.testing.assert_allclose(together[OUTPUT_LETTERBOX][:, 4:], [[20, 50], [7, 300], [120, 31]])
     # The dict form and JSON-style nested lists give the same answer.
     np.testing.assert_array_equal(model.predict({"raw": [i.tolist() for i in images]})["logits"], together["logits"])
@@ -504,3 +508,28 @@ def test_daemon_accepts_a_json_list_of_images_and_names_a_bad_element(line_cache
         samples = daemon.metrics()
         runs = [v for (name, labels), v in samples.items() if name == "edgepack_input_samples_total"]
         assert runs == [3.0], samples
+
+
+def test_letterbox_transform_stays_exact_in_a_static_int8_model(tmp_path):
+    """A float transform would get QDQ nodes and come back as 1.37 instead of 1.3; it is int64 until the output."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    pre = ImagePreprocess(letterbox=(32, 64), pad_value=(114.0,), max_size=(300, 600))
+    onnx.save(embed_preprocessing(conv_classifier(), pre), tmp_path / "fp32.onnx")
+    rng = np.random.default_rng(8)
+    calibration = [{"raw": random_image(rng, 20, 50)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    int8 = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "int8.onnx").graph.node)
+    for h, w in ((20, 50), (7, 300), (120, 31)):
+        raw = random_image(rng, h, w)
+        np.testing.assert_array_equal(int8.run([OUTPUT_LETTERBOX], {"raw": raw})[0], letterbox_reference(pre, raw))

@@ -417,6 +417,10 @@ def _io_schema(embedded, pre, post, val_raw: dict[str, np.ndarray], fp32_outputs
         elif spec.name == "top_k_indices":
             value_range = [0, (len(labels) - 1) if labels else None]
             extra["meaning"] = "class indices, best first"
+        elif spec.name == "letterbox" and pre.to_dict().get("letterbox") is not None:
+            value_range = None  # exact integers of the preprocessing, not a model value to monitor
+            extra["meaning"] = ("letterbox transform per image: resized_h, resized_w, pad_top, pad_left, raw_h, raw_w "
+                                "(edgepack_runtime.unletterbox_boxes maps boxes back to raw pixels)")
         elif values is not None and values.size and values.dtype.kind in "fiu":
             value_range = [float(np.nanmin(values)), float(np.nanmax(values))]
             extra["value_range_observed"] = True

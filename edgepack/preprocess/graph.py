@@ -40,7 +40,7 @@ METADATA_LABELS = "edgepack.labels"
 OUTPUT_SCORES = "scores"
 OUTPUT_TOP_K_INDICES = "top_k_indices"
 OUTPUT_TOP_K_SCORES = "top_k_scores"
-#: Extra output of a letterboxing model: float32 [N, 6] scale_y, scale_x, pad_top, pad_left, raw_h, raw_w.
+#: Extra output of a letterboxing model: float32 [N, 6] resized_h, resized_w, pad_top, pad_left, raw_h, raw_w.
 OUTPUT_LETTERBOX = "letterbox"
 PREFIX = "pre"
 
@@ -323,16 +323,13 @@ def _pad_nodes(b: _Builder, pre: ImagePreprocess, x: str, shape: str, hw_in: str
 
 
 def _letterbox_nodes(b: _Builder, shape: str, hw_in: str, hw: str, begin: str) -> None:
-    def f32(tensor: str, stem: str) -> str:
-        return b.op("Cast", [tensor], stem, to=TensorProto.FLOAT)
-
-    raw_hw = f32(hw_in, "lb_raw_hw")
-    scale = b.op("Div", [f32(hw, "lb_new_hw"), raw_hw], "lb_scale")
-    row = b.op("Concat", [scale, f32(begin, "lb_pad_begin"), raw_hw], "lb_row", axis=0)
+    # All int64 (exact) with one Cast at the end: int8 quantizers only touch float tensors
+    # feeding quantizable ops, so the transform stays exact in every variant.
+    row = b.op("Concat", [hw, begin, hw_in], "lb_row", axis=0)
     row = b.op("Unsqueeze", [row, b.const("lb_axis0", _i64([0]))], "lb_row_2d")
     batch = b.op("Slice", [shape, b.const("lb_n_start", _i64([0])), b.const("lb_n_end", _i64([1]))], "lb_batch")
-    rows = b.op("Concat", [batch, b.const("lb_six", _i64([6]))], "lb_shape", axis=0)
-    b.op("Expand", [row, rows], "letterbox", outputs=[OUTPUT_LETTERBOX])
+    rows = b.op("Expand", [row, b.op("Concat", [batch, b.const("lb_six", _i64([6]))], "lb_shape", axis=0)], "lb_rows")
+    b.op("Cast", [rows], "letterbox", outputs=[OUTPUT_LETTERBOX], to=TensorProto.FLOAT)
 
 
 def _crop_nodes(b: _Builder, pre: ImagePreprocess, x: str) -> str:

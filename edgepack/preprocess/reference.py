@@ -168,8 +168,8 @@ def unletterbox_boxes(boxes: np.ndarray, transform: np.ndarray, clip: bool = Tru
 
     Args:
         boxes: ``[..., 4]`` boxes, or ``[N, K, 4]`` with one transform row per image.
-        transform: The model's ``letterbox`` output, ``[6]`` or ``[N, 6]``: ``scale_y,
-            scale_x, pad_top, pad_left, raw_height, raw_width``.
+        transform: The model's ``letterbox`` output, ``[6]`` or ``[N, 6]``: ``resized_height,
+            resized_width, pad_top, pad_left, raw_height, raw_width``.
         clip: Clip to the raw image (``0..raw_width``, ``0..raw_height``).
 
     Returns:

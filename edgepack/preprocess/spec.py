@@ -94,9 +94,10 @@ class ImagePreprocess:
       limiting side becomes exactly its target and the other ``round_half_up(side *
       scale)`` (at least 1); then pad centred, ``pad_top = (Ht - h) // 2`` and
       ``pad_left = (Wt - w) // 2`` (an odd remainder goes to the bottom/right). The
-      model gets an extra output ``letterbox`` (float32 ``[N, 6]``: ``scale_y, scale_x,
-      pad_top, pad_left, raw_height, raw_width``) with ``scale_* = resized / raw`` per
-      axis, so :func:`unletterbox_boxes` maps boxes back to raw pixels.
+      model gets an extra output ``letterbox`` (float32 ``[N, 6]`` of exact integers:
+      ``resized_height, resized_width, pad_top, pad_left, raw_height, raw_width``; the
+      per-axis scale is ``resized / raw``), so :func:`unletterbox_boxes` maps boxes back
+      to raw pixels.
 
     Interpolation (every resize step uses the same one):
 
@@ -218,12 +219,11 @@ class ImagePreprocess:
             return (0, 0, extra_h, extra_w)
         return (extra_h // 2, extra_w // 2, extra_h - extra_h // 2, extra_w - extra_w // 2)
 
-    def letterbox_transform(self, height: int, width: int) -> tuple[float, float, float, float, float, float]:
+    def letterbox_transform(self, height: int, width: int) -> tuple[int, int, int, int, int, int]:
         """The ``letterbox`` output row for a raw ``height x width`` image (see the class docstring)."""
         h, w = self.resized_size(height, width)
         top, left, _, _ = self.pad_amounts(height, width)
-        return (float(np.float32(h) / np.float32(height)), float(np.float32(w) / np.float32(width)),
-                float(top), float(left), float(height), float(width))
+        return (h, w, top, left, height, width)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the model input for a raw image of ``height x width``."""

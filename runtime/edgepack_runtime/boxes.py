@@ -1,8 +1,9 @@
 """Map detector boxes from letterboxed model-input pixels back to raw image pixels.
 
 A bundle whose preprocessing letterboxes (keep ratio, pad centred) has an extra output
-``letterbox``: float32 ``[N, 6]`` rows ``scale_y, scale_x, pad_top, pad_left,
-raw_height, raw_width``, where ``scale_* = resized size / raw size`` per axis. This
+``letterbox``: float32 ``[N, 6]`` rows of exact integers ``resized_height,
+resized_width, pad_top, pad_left, raw_height, raw_width``; the per-axis scale is
+``resized / raw`` (integers, not a rounded ratio, so int8 variants carry it exactly). This
 module is pure numpy so a device needs nothing else; ``edgepack.preprocess`` re-exports
 the same function for training-side code.
 """
@@ -14,13 +15,13 @@ import numpy as np
 __all__ = ["TRANSFORM_FIELDS", "unletterbox_boxes"]
 
 #: Column order of the ``letterbox`` output.
-TRANSFORM_FIELDS = ("scale_y", "scale_x", "pad_top", "pad_left", "raw_height", "raw_width")
+TRANSFORM_FIELDS = ("resized_height", "resized_width", "pad_top", "pad_left", "raw_height", "raw_width")
 
 
 def unletterbox_boxes(boxes, transform, clip: bool = True) -> np.ndarray:
     """Map ``x1, y1, x2, y2`` boxes in model-input pixels to raw pixels.
 
-    ``raw_x = (x - pad_left) / scale_x`` and ``raw_y = (y - pad_top) / scale_y``.
+    ``raw_x = (x - pad_left) * raw_width / resized_width``, likewise for y.
 
     Args:
         boxes: ``[..., 4]`` boxes for one image (``transform`` ``[6]`` or ``[1, 6]``),
@@ -50,12 +51,14 @@ def unletterbox_boxes(boxes, transform, clip: bool = True) -> np.ndarray:
     else:
         raise ValueError(f"{t.shape[0]} transform rows but boxes have shape {list(boxes.shape)}; "
                          f"pass [N, ..., 4] boxes with one transform row per image")
-    scale_y, scale_x, top, left, height, width = (row[..., k] for k in range(6))
-    if np.any(scale_y <= 0) or np.any(scale_x <= 0):
-        raise ValueError("transform has a non-positive scale; pass the model's letterbox output unchanged")
+    new_h, new_w, top, left, height, width = (row[..., k] for k in range(6))
+    if np.any(np.asarray(new_h) <= 0) or np.any(np.asarray(new_w) <= 0) or np.any(np.asarray(height) <= 0) \
+            or np.any(np.asarray(width) <= 0):
+        raise ValueError("transform has a non-positive size; pass the model's letterbox output unchanged")
+    scale_y, scale_x = np.asarray(new_h / height), np.asarray(new_w / width)
     out = np.empty_like(boxes)
-    out[..., 0::2] = (boxes[..., 0::2] - np.asarray(left)[..., None]) / np.asarray(scale_x)[..., None]
-    out[..., 1::2] = (boxes[..., 1::2] - np.asarray(top)[..., None]) / np.asarray(scale_y)[..., None]
+    out[..., 0::2] = (boxes[..., 0::2] - np.asarray(left)[..., None]) / scale_x[..., None]
+    out[..., 1::2] = (boxes[..., 1::2] - np.asarray(top)[..., None]) / scale_y[..., None]
     if clip:
         out[..., 0::2] = np.clip(out[..., 0::2], 0, np.asarray(width)[..., None])
         out[..., 1::2] = np.clip(out[..., 1::2], 0, np.asarray(height)[..., None])

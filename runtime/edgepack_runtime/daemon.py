@@ -11,9 +11,11 @@ spends running.
 Endpoints::
 
     POST /predict   JSON {"inputs": {NAME: array}} (or {NAME: array}; a single-input
-                    model also takes {"raw": array}), or an application/x-npy body for
-                    single-input models. Answers JSON {"outputs", "model", "id"}, or the
-                    first output as .npy with ``Accept: application/x-npy``.
+                    model also takes {"raw": array}; an image input also takes a list of
+                    [H, W, C] images of different sizes, run one by one, outputs concatenated
+                    in order), or an application/x-npy body for single-input models.
+                    Answers JSON {"outputs", "model", "id"}, or the first output as .npy
+                    with ``Accept: application/x-npy``.
     POST /labels    JSON {"id": PREDICTION_ID, "label": VALUE} for logged predictions.
     GET  /healthz   200 while the process runs.
     GET  /readyz    200 when a verified model is loaded, else 503 and the reason.
