@@ -533,3 +533,50 @@ def test_letterbox_transform_stays_exact_in_a_static_int8_model(tmp_path):
     for h, w in ((20, 50), (7, 300), (120, 31)):
         raw = random_image(rng, h, w)
         np.testing.assert_array_equal(int8.run([OUTPUT_LETTERBOX], {"raw": raw})[0], letterbox_reference(pre, raw))
+
+
+def test_letterbox_digits_build_verify_and_serve_a_list_of_sizes(cli, digits, tmp_path):
+    """The real build: the extra ``letterbox`` output is scheduled, golden-tested and served.
+
+    Digits shown at 1x, 2x and 3x (pixel repetition) letterbox back (area) to exactly the
+    8x8 the model was trained on, so one list request must answer like the 8x8 batch.
+    """
+    import yaml
+
+    from edgepack.bundle import read_member
+    from edgepack_runtime.bundle import load_public_key
+    from edgepack_runtime.cache import CacheConfig
+    from edgepack_runtime.model import RuntimeConfig, install, load
+
+    for name in ("model.onnx", "calib.npz", "val.npz", "edgepack.yaml"):
+        shutil.copy(digits / name, tmp_path / name)
+    config = yaml.safe_load((tmp_path / "edgepack.yaml").read_text())
+    config["input"]["image"].update(min_size=[4, 4], max_size=[64, 64], letterbox=[8, 8], interpolation="area")
+    (tmp_path / "edgepack.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert cli("keys", "generate", "--dir", tmp_path / "keys", "--name", "digits")[0] == 0
+    code, out, err = cli("build", tmp_path / "edgepack.yaml")
+    assert code == 0, (out, err)
+    bundle = tmp_path / "dist" / "digits-1.0.0.epk"
+    code, out, err = cli("verify", bundle, "--key", tmp_path / "keys" / "digits.pub")
+    assert code == 0, (out, err)
+    manifest = json.loads(read_member(bundle, "manifest.json"))
+    outputs = {o["name"]: o for o in manifest["io"]["outputs"]}
+    assert list(outputs) == ["scores", OUTPUT_LETTERBOX] and "resized_h" in outputs[OUTPUT_LETTERBOX]["meaning"]
+
+    device = RuntimeConfig(CacheConfig(root=tmp_path / "device", trusted_keys=(load_public_key(tmp_path / "keys" / "digits.pub"),)))
+    install(bundle, device)
+    model = load(device)
+    raw = np.load(tmp_path / "val.npz")["raw"][:3]
+    images = [np.repeat(np.repeat(raw[k], k + 1, axis=0), k + 1, axis=1) for k in range(3)]
+    together = model.predict(images)
+    np.testing.assert_allclose(together["scores"], model.predict(raw)["scores"], atol=1e-6)
+    np.testing.assert_array_equal(together[OUTPUT_LETTERBOX], [[8, 8, 0, 0, 8, 8], [8, 8, 0, 0, 16, 16], [8, 8, 0, 0, 24, 24]])
+    # Every variant, int8 included, keeps the area weights in float: calibration saw only
+    # 8x8, and a quantized 0.5 (2x) or 1/3 (3x) weight moved scores by 0.006.
+    assert {v["precision"] for v in manifest["variants"]} >= {"fp32", "int8"}
+    for variant in manifest["variants"]:
+        sess = ort.InferenceSession(read_member(bundle, variant["file"]), providers=["CPUExecutionProvider"])
+        at_1x = sess.run(["scores"], {"raw": raw})[0]
+        for k in (1, 2):
+            scaled = sess.run(["scores"], {"raw": np.ascontiguousarray(np.repeat(np.repeat(raw, k + 1, 1), k + 1, 2))})[0]
+            np.testing.assert_allclose(scaled, at_1x, atol=1e-6, err_msg=variant["id"])

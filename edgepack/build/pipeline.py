@@ -271,10 +271,14 @@ def _quant_options(project, fp32_bytes: bytes, batch: int):
     import onnx
 
     from ..optimize.quantize import QuantOptions
+    from ..preprocess.graph import AREA_NODE_PREFIX
 
     # Post-processing (softmax, top-k) stays float: quantized probabilities
-    # lose the confidence resolution monitoring and thresholds rely on.
-    post_nodes = tuple(n.name for n in onnx.load_from_string(fp32_bytes).graph.node if n.name.startswith("post/"))
+    # lose the confidence resolution monitoring and thresholds rely on. So do the area
+    # resize's box weights: they depend on the image size and calibration sees one size
+    # (int8 would turn 0.5 into 0.504 for every size it did not see).
+    post_nodes = tuple(n.name for n in onnx.load_from_string(fp32_bytes).graph.node
+                       if n.name.startswith(("post/", AREA_NODE_PREFIX)))
     return QuantOptions(per_channel=project.per_channel, calibration_method=project.calibration_method,
                         calibration_batch=batch, exclude_nodes=post_nodes)
 

@@ -27,7 +27,7 @@ from .reference import color_indices, color_matrix, crop_start, has_spatial_ops,
 from .spec import ImagePreprocess, Postprocess, Preprocess, TabularPreprocess
 
 __all__ = [
-    "FoldResult", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS", "MIN_OPSET", "OUTPUT_LETTERBOX",
+    "AREA_NODE_PREFIX", "FoldResult", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS", "MIN_OPSET", "OUTPUT_LETTERBOX",
     "embed_preprocessing", "fold_normalization", "try_fold_normalization",
 ]
 
@@ -43,6 +43,8 @@ OUTPUT_TOP_K_SCORES = "top_k_scores"
 #: Extra output of a letterboxing model: float32 [N, 6] resized_h, resized_w, pad_top, pad_left, raw_h, raw_w.
 OUTPUT_LETTERBOX = "letterbox"
 PREFIX = "pre"
+#: Names of the area resize's nodes (size-dependent box weights that must stay float).
+AREA_NODE_PREFIX = PREFIX + "/area_"
 
 
 # --------------------------------------------------------------------------- naming / building
