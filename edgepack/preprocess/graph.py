@@ -155,7 +155,7 @@ def _check_image_fit(pre: ImagePreprocess, value: onnx.ValueInfoProto) -> None:
             continue
         if size is None:
             problems.append(f"the model has a fixed {label} {dims[axis]} but the preprocessing output size depends "
-                            f"on the raw image; add resize or center_crop")
+                            f"on the raw image; add resize, keep_ratio_pad, letterbox or center_crop")
         elif size[index] != dims[axis]:
             problems.append(f"{label} {dims[axis]} vs {size[index]}")
     if problems:
@@ -460,6 +460,8 @@ def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postproce
         post: Optional post-processing after the FIRST model output. Softmax gives
             output ``scores``; top-k gives ``top_k_indices`` (int64) and
             ``top_k_scores``. These replace the first output; other outputs stay.
+            A ``letterbox`` spec adds the last output ``letterbox`` (float32 ``[N, 6]``,
+            see :class:`ImagePreprocess`).
         raw_input_name: Name of the new raw graph input.
 
     Returns:
