@@ -155,7 +155,7 @@ def _check_image_fit(pre: ImagePreprocess, value: onnx.ValueInfoProto) -> None:
             continue
         if size is None:
             problems.append(f"the model has a fixed {label} {dims[axis]} but the preprocessing output size depends "
-                            f"on the raw image; add resize, keep_ratio_pad, letterbox or center_crop")
+                            f"on the raw image; add resize or center_crop (or keep_ratio_pad, letterbox)")
         elif size[index] != dims[axis]:
             problems.append(f"{label} {dims[axis]} vs {size[index]}")
     if problems:
