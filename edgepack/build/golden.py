@@ -106,17 +106,28 @@ def output_key(variant: str, name: str) -> str:
     return f"output:{variant}:{name}"
 
 
-def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float]) -> list[str]:
+def golden_count(requested: int, available: int, fixed_batch: int | None) -> int:
+    """How many golden vectors to ship: ``requested``, capped by the validation data, and a
+    whole multiple of a fixed batch size (at least one batch) so every run is a full batch."""
+    count = min(requested, available)
+    if fixed_batch:
+        count = max(fixed_batch, count - count % fixed_batch)
+    return count
+
+
+def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float],
+                 batch: int | None = None) -> list[str]:
     """Run ``sess`` on the golden inputs; describe every output outside its tolerance.
 
     The comparison is the device's own (:func:`edgepack_runtime.selftest.compare_golden`), so
     ``edgepack verify`` and a device's self-test can never disagree about the same outputs.
     """
-    from edgepack_runtime.selftest import compare_golden
+    from edgepack_runtime.selftest import compare_golden, run_golden
 
     feed = {i.name: arrays[input_key(i.name)] for i in sess.get_inputs() if input_key(i.name) in arrays}
     missing = [i.name for i in sess.get_inputs() if input_key(i.name) not in arrays]
     if missing:
         return [f"{variant}: golden vectors have no input {', '.join(missing)}"]
     names = [o.name for o in sess.get_outputs()]
-    return [f"{variant}: {p}" for p in compare_golden(variant, names, sess.run(None, feed), arrays, tolerances)]
+    outputs = run_golden(lambda f: sess.run(None, f), feed, batch)
+    return [f"{variant}: {p}" for p in compare_golden(variant, names, outputs, arrays, tolerances)]

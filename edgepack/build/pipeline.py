@@ -545,7 +545,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         result.session = sessions[variant]
         result.failures = _gate_failures(project, result)
 
-    count = min(project.golden_vectors, len(validation))
+    # A fixed-batch model runs its golden vectors in its own batch size (verify and the device too).
+    fixed_batch = _fixed_batch(reference)
+    count = golden_mod.golden_count(project.golden_vectors, len(validation), fixed_batch)
     golden_feed = validation.batch(0, count)
     host_cls = measure_config.resolved().host_class
     classes_of = _target_classes(project)
@@ -652,8 +654,6 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         raise error
 
     progress("Writing golden vectors")
-    count = min(project.golden_vectors, len(validation))
-    golden_feed = validation.batch(0, count)
     arrays = {golden_mod.input_key(k): v for k, v in golden_feed.items()}
     tolerances: dict[str, dict[str, float]] = {}
     golden_classes: dict[str, dict[str, dict]] = {}
@@ -716,7 +716,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         "targets": {t.device: {"class": classes_of[t.device],
                                "variants": [v.shipped for v in verdicts if v.device == t.device and v.shipped]}
                     for t in project.targets},
-        "golden": {"file": GOLDEN_FILE, "count": count, "rule": golden_mod.RULE, "tolerances": tolerances,
+        "golden": {"file": GOLDEN_FILE, "count": count, **({"batch": fixed_batch} if fixed_batch else {}),
+                   "rule": golden_mod.RULE, "tolerances": tolerances,
                    "class_rule": golden_mod.CLASS_RULE, "classes": golden_classes},
         "reference_stats": {"file": STATS_FILE},
         "lineage": {
@@ -770,7 +771,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
 
         raise OutputError(f"Cannot create the output directory {project.output_dir}: {exc.strerror or exc}.") from exc
     out = project.output_dir / bundle_filename(project.name, project.version)
-    write_bundle(out, manifest, members, project.signing_key, source_date_epoch)
+    from .verify_step import write_verified
+
+    write_verified(out, manifest, members, project.signing_key, source_date_epoch, progress)
     report["bundle"] = str(out)
     report["bundle_sha256"] = file_sha256(out)
     report_path = project.output_dir / f"{project.name}-{project.version}.build.json"

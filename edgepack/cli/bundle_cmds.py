@@ -330,50 +330,6 @@ def inspect(
 # --------------------------------------------------------------------------- verify
 
 
-def _litert_available() -> bool:
-    from edgepack_runtime.engines import ENGINES
-
-    return ENGINES["litert"].available()
-
-
-def _golden(root: Path, manifest) -> dict[str, Any]:
-    """Run every onnxruntime variant on the golden vectors; variant id -> problems (empty: passed)."""
-    from ..build.golden import check_golden, read_npz
-    from ..optimize.evaluate import session
-
-    golden = manifest.get("golden") or {}
-    if not golden.get("file"):
-        return {}
-    from edgepack_runtime.arith import host_class
-    from edgepack_runtime.selftest import golden_entry
-
-    arrays = read_npz((root / golden["file"]).read_bytes())
-    klass = host_class()
-    results: dict[str, Any] = {}
-    for variant in manifest.variants:
-        vid = variant.get("id")
-        litert = variant.get("engine") == "litert" and _litert_available()
-        if variant.get("engine") != "onnxruntime" and not litert:
-            results[vid] = None
-            continue
-        chosen = golden_entry(manifest, variant, klass)
-        if chosen is None:
-            results[vid] = f"skipped: not certified for this host's arithmetic {klass} (a device of that class never serves it)"
-            continue
-        key, tolerances, _why = chosen
-        try:
-            if litert:
-                from ..convert.tflite import LiteRTSession
-
-                sess = LiteRTSession((root / variant["file"]).read_bytes(), 1)
-            else:
-                sess = session((root / variant["file"]).read_bytes(), 1)
-            results[vid] = check_golden(sess, key, arrays, tolerances)
-        except Exception as exc:  # noqa: BLE001 - a variant that does not run on this host fails verification
-            results[vid] = [f"{vid}: does not run on this host's onnxruntime ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"]
-    return results
-
-
 @handle_errors
 def verify(
     bundle: Path = typer.Argument(..., help="The .epk bundle.", show_default=False),
@@ -384,24 +340,15 @@ def verify(
 
     Exit codes: 0 verified, 1 verification failed, 2 bad input.
     """
-    import tempfile
-
-    from ..bundle import extract_bundle, load_public_key
+    from ..bundle import load_public_key
+    from ..bundle.check import check_bundle
     from ..errors import BundleError, VerificationError
 
     public = load_public_key(key)
     if not bundle.is_file():
         raise BundleError(f"Bundle {bundle} does not exist or is not a file; check the path.")
-    with tempfile.TemporaryDirectory(prefix="edgepack-verify-") as tmp:
-        root = Path(tmp) / "bundle"
-        try:
-            manifest = extract_bundle(bundle, root, public)
-        except BundleError as exc:
-            if "tampered" in str(exc) or "corrupted" in str(exc):
-                raise VerificationError(str(exc)) from None  # a damaged bundle failed verification: exit 1
-            raise
-        golden = _golden(root, manifest)
-    problems = [p for value in golden.values() if isinstance(value, list) for p in value]
+    checked = check_bundle(bundle, public)
+    manifest, golden, problems = checked.manifest, checked.golden, checked.problems
     result = {
         "bundle": str(bundle),
         "name": manifest.name,

@@ -45,6 +45,29 @@ def golden_feed(arrays: Mapping[str, np.ndarray], input_names: List[str]) -> Dic
     return {n: arrays[f"input:{n}"] for n in input_names}
 
 
+def golden_batch(manifest: Mapping) -> Optional[int]:
+    """Rows per call when the golden inputs are run: the model's fixed batch size, or None (all at once).
+
+    A model with a fixed leading dimension (batch 1, say) cannot take 8 golden rows in one
+    call; the build records that size as ``golden.batch`` and runs the vectors that way.
+    """
+    value = (manifest.get("golden") or {}).get("batch")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def run_golden(run, feed: Mapping[str, np.ndarray], batch: Optional[int]) -> List[np.ndarray]:
+    """``run(feed) -> outputs`` over the golden feed, ``batch`` rows per call (None: one call).
+
+    Used by the device's self-test and by ``edgepack verify``, so both run the vectors
+    exactly as the build did.
+    """
+    rows = next(iter(feed.values())).shape[0] if feed else 0
+    if batch is None or rows <= batch:
+        return [np.asarray(o) for o in run(dict(feed))]
+    parts = [run({k: v[s:s + batch] for k, v in feed.items()}) for s in range(0, rows, batch)]
+    return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
+
+
 def golden_entry(manifest: Mapping, variant: Mapping, klass: str) -> Optional[Tuple[str, Mapping[str, float], str]]:
     """Which expected outputs a device of ``klass`` checks ``variant`` against (pure).
 
@@ -123,7 +146,7 @@ def self_test(session, variant: str, directory: Path, manifest: Mapping, klass: 
     arrays = load_golden(directory, manifest)
     feed = golden_feed(arrays, session.input_names)
     try:
-        outputs = session.run(feed)
+        outputs = run_golden(session.run, feed, golden_batch(manifest))
     except Exception as exc:  # noqa: BLE001 - any engine failure fails the self-test
         raise VerificationError(f"Variant {variant} crashed on its golden vectors: {str(exc).splitlines()[0][:200]}") from exc
     problems = compare_golden(key, session.output_names, outputs, arrays, tolerances)
