@@ -479,6 +479,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
 
     progress("Importing model")
     source, source_lineage = _import_model(project)
+    from .opset_step import convert_source, prove_source
+
+    source, opset_pending = convert_source(source, f"The model {source_lineage.get('file') or project.model.get('path')}")
     raw_name = (project.raw.get("input") or {}).get("name", "raw")
     pre = preprocess_from_dict(_pre_dict(project.preprocess))
     pre.validate()
@@ -500,6 +503,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     inputs = graph_inputs(embedded)
     batch = batch_size_for(inputs)
     calibration, validation = _datasets(project, inputs, pre, raw_name)
+    prove_source(opset_pending, pre, raw_name, {"calibration": calibration, "validation": validation}, source_lineage,
+                 f"The model {source_lineage.get('file') or project.model.get('path')}")
 
     progress("Optimizing graph")
     optimized, graph_report = optimize_graph(base, THREADS)

@@ -223,6 +223,14 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             raise ConfigError(f"--target {config.target} measures every candidate under {target_class}'s arithmetic, "
                               "which needs data: pass --validation (or --calibration).")
 
+    from ..importers.opset import needs_upgrade
+
+    fallback_bytes = original_bytes  # the unoptimized graph, if a rewrite changes outputs
+    if needs_upgrade(original):
+        progress("Converting to opset 13")
+        original = _upgraded(original, config, calibration, evaluation, eval_kind, warnings)
+        fallback_bytes = original.SerializeToString()  # converted and proven
+
     progress("Optimizing graph")
     base_model, graph_report = optimize_graph(original, config.threads)
     try:
@@ -246,7 +254,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             # Safety net: a rewrite that changes outputs is discarded, not shipped.
             check = _compare_or_none(reference, base_bytes, evaluation, batch, config)
             if check is not None and not check.close:
-                base_bytes = original_bytes
+                base_bytes = fallback_bytes
                 graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
                                            f"optimized graph changed outputs (max abs error {check.max_abs_error:.3g}); kept the original graph")
         if evaluation is None:
@@ -348,6 +356,28 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         atomic_write_bytes(config.output, chosen.model_bytes)
         report.output = str(config.output)
         return report
+
+
+def _upgraded(original, config: OptimizeConfig, calibration: Dataset | None, evaluation: Dataset | None, eval_kind: str,
+              warnings: list[str]):
+    """The model converted to opset 13 (per-channel QDQ needs it), proven unchanged on the data.
+
+    The reference every candidate is gated against stays the ORIGINAL model.
+    """
+    from ..importers.opset import prove_upgrade, upgrade_opset
+
+    upgrade = upgrade_opset(original, str(config.model))
+    datasets = {"calibration": calibration} if calibration is not None else {}
+    if evaluation is not None and evaluation is not calibration:
+        datasets[eval_kind.split()[0]] = evaluation
+    batch = batch_size_for(graph_inputs(original))
+    fixed = batch_size_for(graph_inputs(original), 0) or None
+    feeds = (feed for ds in datasets.values() for _s, feed in ds.batches(batch)
+             if not fixed or next(iter(feed.values())).shape[0] == fixed)
+    proven = prove_upgrade(upgrade, original, feeds, str(config.model), " and ".join(f"{k} data" for k in datasets) or "no data")
+    warnings.append(f"{config.model} used ONNX opset {proven.from_opset}: converted to opset {proven.to_opset} with onnx's "
+                    f"version converter, outputs unchanged on {proven.samples} samples (max abs error {proven.max_abs_error:.3g})")
+    return proven.model
 
 
 def _measure_config(config: OptimizeConfig):
