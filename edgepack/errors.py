@@ -10,7 +10,7 @@ from __future__ import annotations
 from edgepack_runtime.errors import BundleError, DownloadError, EdgepackError, UpdateError, VerificationError
 
 __all__ = [
-    "BundleError", "ConfigError", "DataError", "DownloadError", "EdgepackError", "GateError", "InputError",
+    "BundleError", "ConfigError", "ConvertError", "DataError", "DownloadError", "EdgepackError", "GateError", "InputError",
     "MissingExtraError", "ModelError", "NotQuantizableError", "OptimizationError", "OutputError", "ServerError",
     "UpdateError", "VerificationError",
 ]
@@ -56,3 +56,7 @@ class ServerError(EdgepackError):
 
 class OutputError(EdgepackError):
     """An output file could not be written."""
+
+
+class ConvertError(GateError):
+    """A converted model was refused: it fails or diverges when run (nothing is written)."""

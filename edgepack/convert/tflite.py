@@ -419,9 +419,12 @@ def convert_onnx_to_tflite(model, precisions=TFLITE_PRECISIONS, calibration: Map
         work = Path(tmp)
         saved = _onnx2tf_saved_model(clean, clean_in, clean_calib, work, progress)
         files = {"fp32": saved / "model_float32.tflite", "fp16": saved / "model_float16.tflite"}
+        relaid = _relaid_outputs(saved, clean_in, reference, sample, out_names, notes)
         for precision in precisions:
             progress(f"Writing TFLite {precision}")
-            if precision in files:
+            if relaid is not None:
+                data = _convert_function(relaid, precision, clean_calib, clean_in, notes)
+            elif precision in files:
                 if not files[precision].is_file():
                     raise OptimizationError(f"onnx2tf wrote no {files[precision].name}.")
                 data = files[precision].read_bytes()
@@ -551,18 +554,29 @@ def _convert_image_split(model, pre, split: str, precisions, calibration: Mappin
         loaded = tf.saved_model.load(str(saved))
         body_fn = loaded.signatures["serving_default"]
         ((body_key, body_spec),) = body_fn.structured_input_signature[1].items()
-        out_keys = sorted(body_fn.structured_outputs)
+        out_keys = _signature_outputs(body_fn)
         channels_last = list(body_spec.shape) == [1, height, width, pre.model_channels]
         if not channels_last and list(body_spec.shape) != [1, pre.model_channels, height, width]:
             raise OptimizationError(f"onnx2tf gave the model body the input shape {list(body_spec.shape)}, "
                                     f"expected [1, {pre.model_channels}, {height}, {width}] or its NHWC form.")
 
-        @tf.function(input_signature=[tf.TensorSpec([1, None, None, pre.raw_channels], tf.uint8, name="raw")])
-        def serve(raw):
-            pixels = tf_image_preprocess(pre, raw, channels_last)
-            result = body_fn(**{body_key: pixels})
-            return [result[k] for k in out_keys]
+        def serving(perms: dict[int, list[int]]):
+            # A new tf.function per layout: a traced function would keep its first trace.
+            @tf.function(input_signature=[tf.TensorSpec([1, None, None, pre.raw_channels], tf.uint8, name="raw")])
+            def serve(raw):
+                pixels = tf_image_preprocess(pre, raw, channels_last)
+                result = body_fn(**{body_key: pixels})
+                return [tf.transpose(result[k], perms[i]) if i in perms else result[k] for i, k in enumerate(out_keys)]
 
+            return serve
+
+        serve = serving({})
+        if sample:
+            # Feature-map outputs may come back channels-last: transpose them back (ONNX layout).
+            matches = _layout_fix([np.asarray(x) for x in serve(tf.constant(sample[in_names[0]]))],
+                                  [np.asarray(x) for x in reference.run(None, dict(sample))], out_names, notes)
+            if matches is not None:
+                serve = serving({m.source: list(m.perm) for m in matches if m.perm is not None})
         concrete = serve.get_concrete_function()
 
         def factory():
@@ -589,6 +603,82 @@ def _convert_image_split(model, pre, split: str, precisions, calibration: Mappin
                 order = _output_order(data, reference, sample) if len(out_names) > 1 and sample else None
                 models[precision] = _set_io_names(data, in_names, out_names, order)
     return ConversionResult(models, notes, renamed)
+
+
+def _signature_outputs(fn) -> list[str]:
+    """The signature's output keys in ONNX order (onnx2tf names them ``output_0``, ``output_1`` …)."""
+    keys = list(fn.structured_outputs)
+    numbered = all(k.rsplit("_", 1)[-1].isdigit() for k in keys)
+    return sorted(keys, key=lambda k: int(k.rsplit("_", 1)[-1])) if numbered else sorted(keys)
+
+
+def _layout_fix(tf_outputs, onnx_outputs, out_names: list[str], notes: list[str]):
+    """The output matches when some TensorFlow output is laid out differently from ONNX, else None."""
+    from .layout import match_outputs
+
+    matches = match_outputs(tf_outputs, onnx_outputs)
+    if matches is None or all(m.perm is None for m in matches):
+        return None
+    for m in matches:
+        if m.perm is not None:
+            shape = list(np.asarray(onnx_outputs[m.index]).shape)
+            notes.append(f"output {out_names[m.index]!r}: onnx2tf returned it as {list(np.asarray(tf_outputs[m.source]).shape)} "
+                         f"(channels-last); a Transpose {list(m.perm)} restores the ONNX layout {shape}")
+    return matches
+
+
+def _relaid_outputs(saved: Path, clean_in: list[str], reference, sample: Mapping[str, np.ndarray], out_names: list[str],
+                    notes: list[str]):
+    """A concrete function returning the ONNX layout, when onnx2tf changed an output's layout (else None).
+
+    The SavedModel's serving function is run on one real sample next to onnxruntime;
+    outputs whose layout changed are transposed back inside the TensorFlow graph.
+    """
+    import tensorflow as tf
+
+    if not sample:
+        return None
+    loaded = tf.saved_model.load(str(saved))
+    fn = loaded.signatures["serving_default"]
+    specs = fn.structured_input_signature[1]
+    if sorted(specs) != sorted(clean_in):
+        return None
+    keys = _signature_outputs(fn)
+    result = fn(**{k: tf.constant(sample[k]) for k in specs})
+    matches = _layout_fix([result[k].numpy() for k in keys], [np.asarray(x) for x in reference.run(None, dict(sample))],
+                          out_names, notes)
+    if matches is None:
+        return None
+    arg_specs = [tf.TensorSpec(specs[n].shape, specs[n].dtype, name=n) for n in clean_in]
+
+    @tf.function(input_signature=arg_specs)
+    def serve(*args):
+        out = fn(**dict(zip(clean_in, args)))
+        return [out[keys[m.source]] if m.perm is None else tf.transpose(out[keys[m.source]], list(m.perm)) for m in matches]
+
+    return SimpleNamespace(concrete=serve.get_concrete_function(), trackable=loaded)
+
+
+def _convert_function(relaid, precision: str, calibration: Mapping[str, np.ndarray], names: list[str], notes: list[str]) -> bytes:
+    """TFLite bytes of a re-laid-out concrete function (see :func:`_relaid_outputs`)."""
+    import tensorflow as tf
+
+    def factory():
+        return tf.lite.TFLiteConverter.from_concrete_functions([relaid.concrete], relaid.trackable)
+
+    def representative():
+        count = min(min(len(calibration[n]) for n in names), MAX_CALIBRATION_SAMPLES)
+        for i in range(count):
+            yield [np.ascontiguousarray(calibration[n][i:i + 1]) for n in names]
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if precision == "int8":
+            return _int8(factory, calibration, names, notes, representative)
+        converter = factory()
+        if precision == "fp16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
 
 
 def _onnx2tf_saved_model(clean, clean_in: list[str], sample_calib: Mapping[str, np.ndarray], work: Path,
@@ -737,7 +827,12 @@ class LiteRTSession:
                 self._in = self._interp.get_input_details()
                 self._out = self._interp.get_output_details()
             self._interp.set_tensor(d["index"], array)
-        self._interp.invoke()
+        try:
+            self._interp.invoke()
+        except RuntimeError as exc:  # a kernel refused these inputs (see kernel_errors)
+            from .kernel_errors import kernel_error
+
+            raise kernel_error(exc, "the TFLite model") from None
         return [np.array(self._interp.get_tensor(d["index"])) for d in self._out]
 
     def run(self, output_names, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -853,10 +948,20 @@ def validate_tflite(onnx_model, tflite_bytes: bytes, inputs: Mapping[str, np.nda
         count -= count % batch
     ref_all: list[list[np.ndarray]] = []
     cand_all: list[list[np.ndarray]] = []
+    from ..errors import ConvertError
+
     for start in range(0, count, batch):
-        feed = {k: np.asarray(v[start:min(start + batch, count)]) for k, v in inputs.items()}
+        stop = min(start + batch, count)
+        feed = {k: np.asarray(v[start:stop]) for k, v in inputs.items()}
         ref_all.append([np.asarray(x) for x in ref.run(None, feed)])
-        cand_all.append(cand.run(names if by_name else None, feed))
+        try:
+            cand_all.append(cand.run(names if by_name else None, feed))
+        except ConvertError as exc:
+            from .kernel_errors import kernel_error
+
+            # Say which precision and which samples: the user can look at exactly those.
+            raise kernel_error(exc.failure, f"the TFLite {precision} model, run on validation samples {start}-{stop - 1},") \
+                if hasattr(exc, "failure") else exc from None
     results: list[OutputAgreement] = []
     accuracy = reference_accuracy = agreement = None
     for j, name in enumerate(names):
