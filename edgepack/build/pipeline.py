@@ -477,6 +477,14 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         raise ConfigError(f"Baseline bundle {baseline_path} does not exist; pass the .epk currently in production.")
     warnings: list[str] = []
 
+    from .tflite_source import SOURCE_KINDS
+
+    if project.model.get("kind") in SOURCE_KINDS:  # LiteRT-only bundles: the model passes through unchanged
+        from .tflite_source import build_source
+
+        return build_source(project, baseline_path=baseline_path, progress=progress, source_date_epoch=source_date_epoch,
+                            measure_config=measure_config, warnings=warnings)
+
     progress("Importing model")
     source, source_lineage = _import_model(project)
     from .opset_step import convert_source, prove_source
