@@ -19,7 +19,7 @@ from .errors import ConfigError
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 VARIANTS = ("fp32", "int8", "fp16", "tflite-fp32", "tflite-fp16", "tflite-int8")
-MODEL_KINDS = ("onnx", "pytorch", "sklearn", "tflite")
+MODEL_KINDS = ("onnx", "pytorch", "sklearn", "tflite", "keras")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 

@@ -261,7 +261,7 @@ def test_tflite_garbage_is_a_model_error(tmp_path):
 
 
 def test_registry_kinds_and_unknown_kind_suggestion(tmp_path):
-    assert set(IMPORTERS) == {"onnx", "pytorch", "sklearn", "tflite"}
+    assert set(IMPORTERS) == {"onnx", "pytorch", "sklearn", "tflite", "keras"}
     with pytest.raises(ConfigError, match=r"Unknown model kind 'pytorc'; did you mean 'pytorch'\?.*onnx, pytorch, sklearn, tflite"):
         import_model("pytorc", OnnxSource(tmp_path / "m.onnx"))
     with pytest.raises(ConfigError, match="did you mean 'sklearn'"):

@@ -224,3 +224,66 @@ def test_device_with_only_numpy_and_litert_serves_a_tflite_source_bundle(built, 
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["variant"] == variant and doc["accuracy"] > 0.8
+
+
+# --------------------------------------------------------------------------- Keras
+
+
+def keras_outputs(path: Path, raw: np.ndarray) -> np.ndarray:
+    from edgepack.convert.tflite import TensorFlowSession
+
+    sess = TensorFlowSession(path)
+    return np.asarray(sess.run(None, {sess.get_inputs()[0].name: raw.astype(np.float32) / 16.0})[0])
+
+
+def test_keras_model_builds_tflite_variants_with_tensorflow_alone(keras_digits, tmp_path, monkeypatch):
+    from edgepack.bundle import extract_bundle, load_public_key
+    from edgepack.convert.tflite import LiteRTSession
+    from edgepack.importers import keras_importer
+
+    def no_tf2onnx(*args, **kwargs):
+        raise AssertionError("tflite-* variants of a Keras model must not need tf2onnx")
+
+    monkeypatch.setattr(keras_importer, "_tf2onnx", no_tf2onnx)
+    project = tflite_project(tmp_path / "p", keras_digits / "model.keras", ["tflite-fp32"], kind="keras")
+    code, out, err = run("build", project)
+    assert code == 0, (out, err)
+    bundle = project.parent / "dist" / BUNDLE
+    code, out, err = run("verify", bundle, "--key", project.parent / "keys" / "digits.pub")
+    assert code == 0, (out, err)
+    manifest = extract_bundle(bundle, tmp_path / "x", load_public_key(project.parent / "keys" / "digits.pub"))
+    assert [v["id"] for v in manifest.variants] == ["tflite-fp32"]
+    assert manifest["lineage"]["source_model"]["kind"] == "keras" and "TFLite" in manifest["lineage"]["source_model"]["description"]
+    raw = np.load(project.parent / "val.npz")["raw"][:50]
+    got = LiteRTSession((tmp_path / "x" / "models" / "tflite-fp32.tflite").read_bytes()).run(None, {"raw": raw})[0]
+    np.testing.assert_allclose(got, keras_outputs(keras_digits / "model.keras", raw), atol=1e-5)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tf2onnx") is None, reason="tf2onnx (edgepack[tflite]) is not installed")
+def test_keras_model_builds_onnx_variants_through_tf2onnx(keras_digits, tmp_path):
+    import onnxruntime as ort
+
+    from edgepack.bundle import extract_bundle, load_public_key
+
+    project = tflite_project(tmp_path / "p", keras_digits / "model.keras", ["fp32"], kind="keras")
+    code, out, err = run("build", project)
+    assert code == 0, (out, err)
+    bundle = project.parent / "dist" / BUNDLE
+    assert run("verify", bundle, "--key", project.parent / "keys" / "digits.pub")[0] == 0
+    manifest = extract_bundle(bundle, tmp_path / "x", load_public_key(project.parent / "keys" / "digits.pub"))
+    assert [v["id"] for v in manifest.variants] == ["onnx-fp32"]
+    assert "tf2onnx" in manifest["lineage"]["source_model"]["description"]
+    raw = np.load(project.parent / "val.npz")["raw"][:50]
+    sess = ort.InferenceSession(str(tmp_path / "x" / "models" / "onnx-fp32.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"raw": raw})[0], keras_outputs(keras_digits / "model.keras", raw), atol=1e-5)
+
+
+def test_keras_onnx_variants_without_tf2onnx_name_what_to_install(keras_digits, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
+    project = tflite_project(tmp_path / "p", keras_digits / "model.keras", ["fp32"], kind="keras")
+    code, out, err = run("build", project)
+    assert code != 0 and "Traceback" not in err
+    assert "need tf2onnx" in err and "edgepack[tflite]" in err and "tflite-* variants" in err

@@ -477,9 +477,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         raise ConfigError(f"Baseline bundle {baseline_path} does not exist; pass the .epk currently in production.")
     warnings: list[str] = []
 
-    from .tflite_source import SOURCE_KINDS
+    from .tflite_source import builds_for_litert
 
-    if project.model.get("kind") in SOURCE_KINDS:  # LiteRT-only bundles: the model passes through unchanged
+    if builds_for_litert(project):  # LiteRT-only bundles: a TFLite model as given, or Keras through TFLiteConverter
         from .tflite_source import build_source
 
         return build_source(project, baseline_path=baseline_path, progress=progress, source_date_epoch=source_date_epoch,

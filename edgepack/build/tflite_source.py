@@ -18,6 +18,7 @@ other variant, and the written bundle is verified before it is renamed into plac
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,10 +32,15 @@ from . import stats as stats_mod
 from .manifest import FORMAT_VERSION, MIN_RUNTIME, PRECISIONS, file_sha256, git_commit, jsonable, resolved_config, \
     tensor_schema, variant_engine
 
-__all__ = ["SOURCE_KINDS", "SourceReference", "build_from_tflite", "build_source", "tflite_precision"]
+__all__ = ["SourceReference", "build_from_tflite", "build_source", "builds_for_litert", "tflite_precision"]
 
-#: Model kinds built by this module (everything else goes through ONNX).
-SOURCE_KINDS = ("tflite",)
+
+def builds_for_litert(project) -> bool:
+    """True when this module builds the project: a TFLite model, or a Keras model with only tflite-* variants."""
+    from ..importers.keras_importer import litert_only
+
+    kind = project.model.get("kind")
+    return kind == "tflite" or (kind == "keras" and litert_only(project))
 
 
 # --------------------------------------------------------------------------- the source model
@@ -144,11 +150,13 @@ def _check_variants(project, allowed: set[str], why: str) -> None:
 
 
 def build_source(project, **kwargs):
-    """Import a ``kind: tflite`` model and build it (see :func:`build_from_tflite`)."""
+    """Import a ``kind: tflite`` model (or convert a Keras one) and build it."""
     from ..importers import import_model, source_from_config
     from .pipeline import _relative
 
     base = project.path.parent
+    if project.model.get("kind") == "keras":
+        return build_keras(project, **kwargs)
     imported = import_model(project.model["kind"], source_from_config(project.model, base_dir=base))
     files = [{"role": f.role, "file": _relative(f.path, base), "sha256": f.sha256} for f in imported.source_files]
     lineage = {"kind": project.model["kind"], "file": project.model.get("path"), "sha256": imported.source_sha256,
@@ -163,6 +171,67 @@ def _raw_spec(pre, raw_name: str):
         fixed = tuple(pre.min_size) == tuple(pre.max_size)
         return TensorSpec(raw_name, np.dtype(np.uint8), (None, *(pre.min_size if fixed else (None, None)), pre.raw_channels))
     return TensorSpec(raw_name, np.dtype(np.float32), (None, len(pre.raw_columns)))
+
+
+class KerasReference(SourceReference):
+    """The Keras model itself, behind the declared preprocessing in numpy (the gate reference)."""
+
+    def __init__(self, path: Path, pre, raw_spec) -> None:  # noqa: D107 - no LiteRT model here
+        from ..convert.tflite import TensorFlowSession
+
+        self._tf = TensorFlowSession(path)
+        self._pre = pre
+        self._raw = raw_spec
+        self._names = [o.name for o in self._tf.get_outputs()]
+
+    def run(self, output_names, feed):
+        from ..preprocess import apply_reference
+
+        x = apply_reference(self._pre, feed[self._raw.name]).astype(np.float32)
+        return [np.asarray(o) for o in self._tf.run(None, {self._tf.get_inputs()[0].name: x})]
+
+
+def build_keras(project, **kwargs):
+    """A Keras model's ``tflite-*`` variants straight through TensorFlow's converter, fused and gated against Keras."""
+    from ..convert.tflite import convert_tensorflow_to_tflite, require_tflite
+    from ..importers.keras_importer import KerasSource, keras_files
+    from ..importers import source_from_config
+    from ..preprocess import apply_reference, preprocess_from_dict
+    from . import pipeline as P
+
+    require_tflite(onnx2tf=True)  # onnx2tf compiles the preprocessing
+    source = source_from_config(project.model, base_dir=project.path.parent)
+    assert isinstance(source, KerasSource)
+    files = keras_files(source.path)
+    variants = sorted({v for t in project.targets for v in t.variants})
+    _check_variants(project, {"tflite-fp32", "tflite-fp16", "tflite-int8"}, "a Keras model builds tflite-fp32, tflite-fp16 "
+                    "and tflite-int8 through TensorFlow's converter (ONNX variants need tf2onnx: list no tflite-* "
+                    "variant next to them)")
+    raw_name = (project.raw.get("input") or {}).get("name", "raw")
+    pre = preprocess_from_dict(P._pre_dict(project.preprocess))
+    pre.validate()
+    raw_spec = _raw_spec(pre, raw_name)
+    reference = KerasReference(source.path, pre, raw_spec)
+    calibration, _validation = P._datasets(project, [raw_spec], pre, raw_name)
+    calib_raw = calibration.batch(0, min(len(calibration), 200))[raw_name]
+    names = [i.name for i in reference._tf.get_inputs()]
+    progress = kwargs["progress"]
+    progress(f"Converting the Keras model to TFLite ({', '.join(variants)})")
+    converted = convert_tensorflow_to_tflite(source.path, [v.split("-", 1)[1] for v in variants],
+                                             {names[0]: apply_reference(pre, calib_raw).astype(np.float32)})
+    kwargs["warnings"].extend(converted.notes)
+    models = {v: converted.models[v.split("-", 1)[1]] for v in variants}
+    from .pipeline import _relative
+
+    base = project.path.parent
+    digest = files[0].sha256 if len(files) == 1 else hashlib.sha256(
+        "".join(f"{f.role}:{f.sha256}\n" for f in files).encode()).hexdigest()
+    lineage = {"kind": "keras", "file": project.model.get("path"), "sha256": digest,
+               "description": f"Keras model {source.path.name} converted to TFLite with TensorFlow's converter",
+               "files": [{"role": f.role, "file": _relative(f.path, base), "sha256": f.sha256} for f in files]}
+    return build_litert_bundle(project, models, reference, lineage, pre=pre, raw_spec=raw_spec,
+                               reference_words="the Keras model with the declared preprocessing in numpy, end to end "
+                                               "from raw validation inputs", **kwargs)
 
 
 def build_from_tflite(project, source_bytes: bytes, source_lineage: dict, **kwargs):

@@ -22,7 +22,7 @@ version: "0.1.0"               # semantic version; quote it
 description: What the model does, in one line.
 
 model:
-  kind: onnx                   # onnx (pytorch / sklearn / tflite need the importers)
+  kind: onnx                   # onnx | pytorch | sklearn | tflite | keras
   path: model.onnx
 
 # What the DEVICE feeds. Preprocessing is compiled into the model, so devices send raw

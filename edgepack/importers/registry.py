@@ -13,13 +13,14 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import ImportedModel, Importer, ModelSource
+from .keras_importer import KerasImporter
 from .onnx_importer import OnnxImporter
 from .sklearn_importer import SklearnImporter
 from .tflite_importer import TfliteImporter
 from .torch_importer import TorchImporter
 
 IMPORTERS: dict[str, Importer] = {
-    importer.kind: importer for importer in (OnnxImporter(), TorchImporter(), SklearnImporter(), TfliteImporter())
+    importer.kind: importer for importer in (OnnxImporter(), TorchImporter(), SklearnImporter(), TfliteImporter(), KerasImporter())
 }
 # The kind a project file's model: section gets when it names none.
 DEFAULT_KIND = "onnx"
