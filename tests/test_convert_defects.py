@@ -20,7 +20,6 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
 from test_tflite import needs_tflite, run_cli
 
 

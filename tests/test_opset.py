@@ -8,7 +8,6 @@ Regression: ``--per-channel`` int8 of an opset 11/12 model wrote a model onnxrun
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +16,6 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
 from test_build import DIGITS, make_project, manifest_of, run
 
 

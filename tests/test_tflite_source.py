@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from test_build import make_project, manifest_of, run
 from test_tflite import _link_distribution, _site_packages, needs_litert, needs_tflite
 
@@ -123,7 +122,7 @@ def test_bundled_tflite_equals_the_source_model_from_raw_pixels(built, keras_dig
     from edgepack.bundle import extract_bundle, load_public_key
     from edgepack.convert.tflite import LiteRTSession
 
-    kind, variant, directory = built
+    kind, _variant, directory = built
     manifest = extract_bundle(directory / "dist" / BUNDLE, tmp_path / "x", load_public_key(directory / "keys" / "digits.pub"))
     fused = LiteRTSession((tmp_path / "x" / manifest.variants[0]["file"]).read_bytes())
     val = np.load(directory / "val.npz")
@@ -138,11 +137,11 @@ def test_bundled_tflite_equals_the_source_model_from_raw_pixels(built, keras_dig
 def test_device_runtime_serves_the_tflite_bundle_from_raw_input(built, tmp_path):
     import edgepack_runtime
 
-    kind, variant, directory = built
+    _kind, variant, directory = built
     cache = tmp_path / "cache"
     result = subprocess.run([sys.executable, "-m", "edgepack_runtime.cli", "install", str(directory / "dist" / BUNDLE),
                              "--cache", str(cache), "--key", str(directory / "keys" / "digits.pub")],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     model = edgepack_runtime.open(cache)
     assert model.variant["id"] == variant and model.variant["engine"] == "litert"
@@ -190,7 +189,7 @@ def test_device_with_only_numpy_and_litert_serves_a_tflite_source_bundle(built, 
     """A venv holding only numpy, ai-edge-litert and edgepack-runtime runs the bundle from raw pixels."""
     import venv
 
-    kind, variant, directory = built
+    _kind, variant, directory = built
     env_dir = tmp_path / "device-env"
     venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -220,7 +219,7 @@ def test_device_with_only_numpy_and_litert_serves_a_tflite_source_bundle(built, 
         print(json.dumps({{"variant": model.variant["id"], "accuracy": float((scores.argmax(1) == val["labels"][:64]).mean())}}))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    out = subprocess.run([python, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([python, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["variant"] == variant and doc["accuracy"] > 0.8
@@ -284,6 +283,6 @@ def test_keras_onnx_variants_without_tf2onnx_name_what_to_install(keras_digits, 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tf2onnx" else real(name, *a))
     project = tflite_project(tmp_path / "p", keras_digits / "model.keras", ["fp32"], kind="keras")
-    code, out, err = run("build", project)
+    code, _out, err = run("build", project)
     assert code != 0 and "Traceback" not in err
     assert "need tf2onnx" in err and "edgepack[tflite]" in err and "tflite-* variants" in err

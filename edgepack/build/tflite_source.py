@@ -29,8 +29,17 @@ import numpy as np
 from ..errors import ConfigError, GateError
 from . import golden as golden_mod
 from . import stats as stats_mod
-from .manifest import FORMAT_VERSION, MIN_RUNTIME, PRECISIONS, file_sha256, git_commit, jsonable, resolved_config, \
-    tensor_schema, variant_engine
+from .manifest import (
+    FORMAT_VERSION,
+    MIN_RUNTIME,
+    PRECISIONS,
+    file_sha256,
+    git_commit,
+    jsonable,
+    resolved_config,
+    tensor_schema,
+    variant_engine,
+)
 
 __all__ = ["SourceReference", "build_from_tflite", "build_source", "builds_for_litert", "tflite_precision"]
 
@@ -176,7 +185,7 @@ def _raw_spec(pre, raw_name: str):
 class KerasReference(SourceReference):
     """The Keras model itself, behind the declared preprocessing in numpy (the gate reference)."""
 
-    def __init__(self, path: Path, pre, raw_spec) -> None:  # noqa: D107 - no LiteRT model here
+    def __init__(self, path: Path, pre, raw_spec) -> None:
         from ..convert.tflite import TensorFlowSession
 
         self._tf = TensorFlowSession(path)
@@ -194,8 +203,8 @@ class KerasReference(SourceReference):
 def build_keras(project, **kwargs):
     """A Keras model's ``tflite-*`` variants straight through TensorFlow's converter, fused and gated against Keras."""
     from ..convert.tflite import convert_tensorflow_to_tflite, require_tflite
-    from ..importers.keras_importer import KerasSource, keras_files
     from ..importers import source_from_config
+    from ..importers.keras_importer import KerasSource, keras_files
     from ..preprocess import apply_reference, preprocess_from_dict
     from . import pipeline as P
 
@@ -276,12 +285,12 @@ def build_litert_bundle(project, models: dict[str, bytes], reference, source_lin
         reference: Session-like reference on raw input (the source model).
     """
     from .. import __version__
+    from .._atomic import atomic_write_bytes
     from ..bundle import bundle_filename
     from ..convert.fuse import fuse_front
     from ..convert.tflite import LiteRTSession, tool_versions
     from ..modelio import TensorSpec
     from ..optimize.evaluate import compare, measure_latency
-    from .._atomic import atomic_write_bytes
     from . import pipeline as P
     from .certify import certify
     from .verify_step import write_verified
