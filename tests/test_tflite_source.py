@@ -286,3 +286,28 @@ def test_keras_onnx_variants_without_tf2onnx_name_what_to_install(keras_digits, 
     code, _out, err = run("build", project)
     assert code != 0 and "Traceback" not in err
     assert "need tf2onnx" in err and "edgepack[tflite]" in err and "tflite-* variants" in err
+
+
+def test_keras_savedmodel_directory_builds_tflite_variants(keras_digits, tmp_path):
+    """A SavedModel directory (model.export) is a Keras source too; its files are hashed for lineage."""
+    import contextlib
+    import io
+
+    from edgepack.convert.tflite import load_keras
+
+    saved = tmp_path / "p" / "saved"
+    saved.parent.mkdir(parents=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_keras(keras_digits / "model.keras").export(str(saved))
+    project = make_project(tmp_path / "p")
+    config = yaml.safe_load(project.read_text())
+    config["model"] = {"kind": "keras", "path": "saved"}
+    config["input"]["image"]["layout"] = "NHWC"
+    config["output"] = {"labels": [str(i) for i in range(10)]}
+    config["targets"] = [{"device": "x86-gateway", "variants": ["tflite-fp32"]}]
+    project.write_text(yaml.safe_dump(config, sort_keys=False))
+    code, out, err = run("build", project)
+    assert code == 0, (out, err)
+    assert run("verify", project.parent / "dist" / BUNDLE, "--key", project.parent / "keys" / "digits.pub")[0] == 0
+    files = manifest_of(project.parent / "dist" / BUNDLE)["lineage"]["source_model"]["files"]
+    assert any(f["role"] == "savedmodel:saved_model.pb" and len(f["sha256"]) == 64 for f in files)
