@@ -106,7 +106,8 @@ def output_key(variant: str, name: str) -> str:
     return f"output:{variant}:{name}"
 
 
-def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float]) -> list[str]:
+def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float],
+                 stream: Mapping | None = None) -> list[str]:
     """Run ``sess`` on the golden inputs; describe every output outside its tolerance.
 
     The comparison is the device's own (:func:`edgepack_runtime.selftest.compare_golden`), so
@@ -119,4 +120,10 @@ def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerance
     if missing:
         return [f"{variant}: golden vectors have no input {', '.join(missing)}"]
     names = [o.name for o in sess.get_outputs()]
-    return [f"{variant}: {p}" for p in compare_golden(variant, names, sess.run(None, feed), arrays, tolerances)]
+    if stream:  # the manifest's golden stream: replayed step by step like the device does
+        from edgepack_runtime.stream import replay
+
+        outputs = replay(lambda f: sess.run(None, f), [i.name for i in sess.get_inputs()], names, arrays, stream)
+    else:
+        outputs = sess.run(None, feed)
+    return [f"{variant}: {p}" for p in compare_golden(variant, names, outputs, arrays, tolerances)]
