@@ -253,7 +253,7 @@ def _constants(extras, specs, arrays, source) -> dict[str, np.ndarray]:
         if not _fits(value.shape, spec):
             raise DataError(f"{where} has shape {list(value.shape)} but the model input is {_dims(spec)} {spec.dtype}; "
                             "a constant is given once, in the input's own shape (a scalar is 0-d).")
-        out[e.name] = np.ascontiguousarray(value)
+        out[e.name] = np.array(value, order="C")  # not ascontiguousarray: it turns a 0-d scalar into [1]
     return out
 
 
@@ -562,13 +562,14 @@ def annotate_schema(schema: dict, raw_name: str, extras: Sequence[ExtraInput], s
                     constants: Mapping[str, np.ndarray]) -> dict:
     """Mark each input's role in the bundle's io schema (constants carry their value, state its output)."""
     by_name = {e.name: e for e in extras}
-    for spec in schema["inputs"]:
+    for index, spec in enumerate(schema["inputs"]):
         e = by_name.get(spec["name"])
         if e is None:
             spec["role"] = "raw"
             continue
-        spec.pop("preprocess", None)
-        spec.pop("columns", None)
+        # The preprocessing describes the raw input only; the others are plain tensors with a role.
+        spec = {k: spec[k] for k in ("name", "dtype", "shape", "value_range") if k in spec}
+        schema["inputs"][index] = spec
         spec["role"] = e.role
         if e.role == "constant" and e.name in constants:
             value = constants[e.name]
