@@ -137,6 +137,7 @@ def test_bundle_verifies_by_replaying_its_golden_stream(built):
     assert [(i["name"], i["role"]) for i in io["inputs"]] == [("pcm", "raw"), ("state", "state"), ("sr", "constant")]
     assert io["inputs"][0]["dtype"] == "int16" and io["inputs"][0]["sample_rate"] == 16000
     assert io["inputs"][2]["value"] == 16000 and io["inputs"][2]["shape"] == []
+    assert "sample_rate" not in io["inputs"][1] and "preprocess" not in io["inputs"][2]
     assert io["stream"]["state"] == [{"input": "state", "output": "stateN", "initial": "zeros"}]
 
 

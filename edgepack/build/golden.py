@@ -44,7 +44,8 @@ def write_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for key in sorted(arrays):
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            # asarray, not ascontiguousarray: that turns a 0-d scalar input (a sample rate) into [1].
+            np.lib.format.write_array(member, np.asarray(arrays[key], order="C"), allow_pickle=False)
             info = zipfile.ZipInfo(key + ".npy", date_time=_FIXED_DATE)
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
