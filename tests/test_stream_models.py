@@ -292,3 +292,50 @@ def test_stream_registry_is_bounded_expires_idle_streams_and_restarts_on_a_new_m
     assert streams.feed("c", "d1", make, one)[0]["y"][0, 0] == 1  # a and b expired
     assert streams.feed("c", "d2", make, one)[0]["y"][0, 0] == 1  # another bundle: zero state again
     assert streams.end("c") and not streams.end("c")
+
+
+def test_multi_input_model_builds_verifies_and_the_device_fills_in_its_constants(tmp_path, cli):
+    """A stateless model with a per-sample input, a 0-d scalar and a shared [1, 4] tensor."""
+    import edgepack_runtime
+    from edgepack.bundle import generate_keypair
+    from edgepack_runtime.bundle import load_public_key
+    from edgepack_runtime.cache import CacheConfig
+    from edgepack_runtime.model import RuntimeConfig, install
+
+    nodes = [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "kf"], ["xk"]),
+             helper.make_node("Add", ["xk", "bias"], ["xb"]), helper.make_node("Mul", ["xb", "mask"], ["y"])]
+    graph = helper.make_graph(nodes, "multi", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info("k", TensorProto.INT64, []),
+        helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 4]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("calib", "val"):
+        np.savez(tmp_path / f"{name}.npz", rows=rng.standard_normal((12, 4)).astype(np.float32),
+                 mask=(rng.random((12, 4)) > 0.3).astype(np.float32), bias=np.array([[1, 2, 3, 4]], np.float32))
+    (tmp_path / "keys").mkdir()
+    generate_keypair(tmp_path / "keys", "k")
+    (tmp_path / "edgepack.yaml").write_text(yaml.safe_dump({
+        "name": "multi", "version": "1.0.0", "model": {"kind": "onnx", "path": "model.onnx"},
+        "input": {"name": "rows", "feeds": "x", "frames": {"frame_len": 4}},
+        "inputs": [{"name": "k", "role": "constant", "value": 3}, {"name": "bias", "role": "constant"},
+                   {"name": "mask", "role": "per_sample"}],
+        "data": {"calibration": {"path": "calib.npz", "key": "rows"}, "validation": {"path": "val.npz", "key": "rows"}},
+        "targets": [{"device": "rpi4", "variants": ["fp32"]}], "signing": {"key": "keys/k.key"}}))
+    code, _, err = cli("build", tmp_path / "edgepack.yaml")
+    assert code == 0, err
+    bundle = tmp_path / "dist" / "multi-1.0.0.epk"
+    code, _, err = cli("verify", bundle, "--key", tmp_path / "keys" / "k.pub")
+    assert code == 0, err
+    config = RuntimeConfig(CacheConfig(root=tmp_path / "cache", trusted_keys=(load_public_key(tmp_path / "keys" / "k.pub"),)))
+    install(bundle, config)
+    model = edgepack_runtime.open(tmp_path / "cache", keys=[tmp_path / "keys" / "k.pub"])
+    roles = {i["name"]: (i["role"], i.get("value")) for i in model.inputs}
+    assert roles == {"rows": ("raw", None), "k": ("constant", 3), "bias": ("constant", [[1.0, 2.0, 3.0, 4.0]]),
+                     "mask": ("per_sample", None)}
+    rows = np.ones((2, 4), np.float32)
+    out = model.predict({"rows": rows, "mask": np.ones((2, 4), np.float32)})["y"]
+    np.testing.assert_allclose(out, rows * 3 + np.array([1, 2, 3, 4], np.float32))
+    with pytest.raises(edgepack_runtime.InputValidationError, match="bias"):
+        model.predict({"rows": rows, "mask": np.ones((2, 4), np.float32), "bias": np.zeros((1, 4), np.float32)})

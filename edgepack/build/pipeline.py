@@ -234,7 +234,9 @@ def _run(sess, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     rows = next(iter(feed.values())).shape[0]
     if fixed is None or fixed == rows:
         return [np.asarray(o) for o in sess.run(None, feed)]
-    parts = [sess.run(None, {k: v[s:s + fixed] for k, v in feed.items()}) for s in range(0, rows - rows % fixed, fixed)]
+    # Constants (a 0-d scalar, a shared [1, ...] tensor) go whole into every chunk; samples are sliced.
+    parts = [sess.run(None, {k: v[s:s + fixed] if v.ndim and v.shape[0] == rows else v for k, v in feed.items()})
+             for s in range(0, rows - rows % fixed, fixed)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else []
 
 
