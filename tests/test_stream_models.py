@@ -339,3 +339,20 @@ def test_multi_input_model_builds_verifies_and_the_device_fills_in_its_constants
     np.testing.assert_allclose(out, rows * 3 + np.array([1, 2, 3, 4], np.float32))
     with pytest.raises(edgepack_runtime.InputValidationError, match="bias"):
         model.predict({"rows": rows, "mask": np.ones((2, 4), np.float32), "bias": np.zeros((1, 4), np.float32)})
+
+
+def test_a_refused_first_chunk_opens_no_stream():
+    from edgepack_runtime.stream import Stream, Streams
+    from edgepack_runtime.validate import InputValidationError
+
+    streams = Streams(max_streams=1)
+    inputs = [{"name": "x", "dtype": "float32", "shape": [1, 1], "role": "raw"},
+              {"name": "s", "dtype": "float32", "shape": [1, 1], "role": "state"}]
+
+    def make():
+        return Stream(inputs, ["sN"], lambda f: [f["x"] + f["s"]], {"state": [{"input": "s", "output": "sN"}]})
+
+    with pytest.raises(InputValidationError, match="dtype"):
+        streams.feed("a", "d", make, np.ones((1, 1), np.int32))
+    assert len(streams) == 0
+    streams.feed("b", "d", make, np.ones((1, 1), np.float32))  # the limit of 1 is still free

@@ -542,6 +542,10 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         from ..modelio import graph_outputs
 
         stream_mod.check_model(project.extra_inputs, stream, raw_name, project.feeds, inputs, graph_outputs(embedded))
+        tflite = [v for v in project.variants if v.startswith("tflite-")]
+        if tflite:
+            raise ConfigError(f"targets: {', '.join(tflite)} cannot be built for a model with several inputs or state yet "
+                              "(the TFLite check feeds one input); use the onnx variants fp32/int8/fp16.")
     calibration, validation = _datasets(project, inputs, pre, raw_name)
     if stream is not None:
         def compare_fn(ref, cand, data, _batch):

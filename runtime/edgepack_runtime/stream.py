@@ -196,7 +196,8 @@ class Streams:
         self.expire()
         with self._lock:
             item = self._items.get(stream_id)
-            if item is None or item[3] != digest:
+            fresh = item is None or item[3] != digest
+            if fresh:
                 if item is None and len(self._items) >= self.max_streams:
                     raise StreamLimitError(f"{len(self._items)} streams are open, the limit; end one with DELETE /stream "
                                            f"or wait {self.idle_seconds:g} s for idle streams to expire")
@@ -204,7 +205,14 @@ class Streams:
             self._items[stream_id] = (item[0], item[1], self._clock(), digest)
             stream, lock = item[0], item[1]
         with lock:
-            return stream.feed(chunk), stream
+            try:
+                return stream.feed(chunk), stream
+            except Exception:
+                if fresh and stream.steps == 0:  # a refused first chunk opens no stream
+                    with self._lock:
+                        if self._items.get(stream_id, (None,))[0] is stream:
+                            del self._items[stream_id]
+                raise
 
     def end(self, stream_id: str) -> bool:
         """Forget a stream; False when it was not open."""
