@@ -166,7 +166,7 @@ def test_daemon_serves_raw_pcm_streams_by_id_each_with_its_own_state(cache, val,
     for sid, s in (("mic-a", 2), ("mic-b", 3)):
         local = model.stream()
         expected[sid] = [float(local.feed(c[None])["speech"][0, 0]) for c in val["audio"][s][:8]]
-    with serve(cache, tmp_path) as daemon:
+    with serve(cache, tmp_path, env={"EDGEPACK_MAX_STREAMS": "2"}) as daemon:
         got = {"mic-a": [], "mic-b": []}
         for t in range(8):  # interleaved: each id keeps its own state
             for sid, s in (("mic-a", 2), ("mic-b", 3)):
@@ -182,6 +182,10 @@ def test_daemon_serves_raw_pcm_streams_by_id_each_with_its_own_state(cache, val,
                 got[sid].append(body["outputs"]["speech"][0][0])
         for sid in got:
             np.testing.assert_allclose(got[sid], expected[sid], atol=1e-6)
+        status, body = daemon.json("POST", "/stream", {"stream": "mic-c", "inputs": {"pcm": val["audio"][4, 0][None].tolist()}})
+        assert status == 429 and "2 streams are open" in body["error"]["reason"]  # bounded: no silent eviction
+        status, body = daemon.json("GET", "/info")
+        assert body["streams"] == {"open": 2, "max": 2, "idle_seconds": 300.0}
 
         chunk = val["audio"][2, 0][None].tolist()
         status, body = daemon.json("POST", "/stream", {"stream": "mic-a", "inputs": {"pcm": chunk, "sr": 44100}})

@@ -318,6 +318,8 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> DaemonOptions:
         ota=ota,
         shadow=Path(args.shadow) if getattr(args, "shadow", None) else None,
         shadow_sample=_shadow_sample(getattr(args, "shadow_sample", 0.25)),
+        max_streams=int(_env_float(env, "EDGEPACK_MAX_STREAMS", 64, 1)),
+        stream_idle_seconds=_env_float(env, "EDGEPACK_STREAM_IDLE_SECONDS", 300.0, 0.1),
     )
 
 
@@ -1130,6 +1132,7 @@ class Daemon:
             "predlog": self.predlog.stats() if self.predlog else None,
             "ota": self.ota_info(),
             "monitor": state.window.summary(reset=False) if state is not None and state.window is not None else None,
+            "streams": {"open": len(self.streams), "max": self.streams.max_streams, "idle_seconds": self.streams.idle_seconds},
         }
 
     def ota_info(self) -> Optional[Dict[str, Any]]:
