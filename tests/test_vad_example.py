@@ -131,6 +131,8 @@ def test_bundle_verifies_by_replaying_its_golden_stream(built):
     _, bundle, pub, _ = built
     result = CliRunner().invoke(app, ["verify", str(bundle), "--key", str(pub), "--json"])
     assert result.exit_code == 0, result.stderr
+    shown = CliRunner().invoke(app, ["inspect", str(bundle)])
+    assert shown.exit_code == 0 and "(state from stateN)" in shown.stdout and "(constant)" in shown.stdout
     manifest = verify_bundle(bundle, load_public_key(pub))
     assert manifest["golden"]["stream"] == {"steps": 32, "step_inputs": ["pcm"], "state": {"state": "stateN"}}
     io = manifest["io"]
