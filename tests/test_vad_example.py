@@ -120,6 +120,10 @@ def test_build_gates_every_variant_per_stream_and_records_state_agreement(built)
         if v["shipped"]:
             assert n["agreement"] >= 0.97 and n["output_cosine"]["stateN"] >= 0.99, vid
     assert variants["onnx-fp32"]["numerics"]["min_stream_agreement"] == 1.0
+    for device, target in report["targets"].items():  # the GRU in int8 keeps its state: shipped everywhere
+        assert target["variants"]["int8"]["shipped"], (device, target["variants"]["int8"]["reason"])
+        shipped = variants[target["variants"]["int8"]["shipped"]]["classes"][target["class"]]
+        assert shipped["passed"] and shipped["min_stream_agreement"] >= 0.9 and len(shipped["stream_agreement"]) == 16
 
 
 def test_bundle_verifies_by_replaying_its_golden_stream(built):
