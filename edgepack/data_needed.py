@@ -27,8 +27,9 @@ def _role(spec: TensorSpec, outputs: Sequence[TensorSpec]) -> str:
     same = [o.name for o in outputs if o.shape == spec.shape and o.dtype == spec.dtype and o.name != spec.name
             and (o.name.startswith(spec.name) or spec.name.startswith(o.name) or "state" in o.name.lower())]
     if same and spec.shape and spec.shape[0] == 1:
-        return (f"looks like a recurrent state (output {same[0]!r} has its shape): declare it with role: state "
-                "and give streams")
+        return (f"looks like a recurrent state (output {same[0]!r} has its shape): give per-step rows "
+                f"[n, {', '.join(str(d) for d in spec.shape[1:])}] of the states the model really carries (run fp32 over "
+                "streams), or build it with role: state in edgepack.yaml, which does that itself")
     return "per sample: leading sample axis [n, ...]"
 
 

@@ -356,3 +356,16 @@ def test_a_refused_first_chunk_opens_no_stream():
         streams.feed("a", "d", make, np.ones((1, 1), np.int32))
     assert len(streams) == 0
     streams.feed("b", "d", make, np.ones((1, 1), np.float32))  # the limit of 1 is still free
+
+
+def test_optimize_takes_a_scalar_input_as_one_0d_array_for_every_sample(tmp_path, cli):
+    """The data format the no-data message asks for must be one optimize accepts."""
+    onnx.save(stateful_model(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", audio=rng.standard_normal((16, CHUNK)).astype(np.float32),
+             state=rng.standard_normal((16, H)).astype(np.float32), sr=np.array(16000, np.int64))
+    code, out, err = cli("optimize", tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--quantize", "fp16",
+                         "--validation", tmp_path / "d.npz", "--json")
+    assert code == 0, err
+    report = json.loads(out[out.index("{"):])
+    assert report["evaluation"]["samples"] == 16 and (tmp_path / "out.onnx").exists()
