@@ -1034,12 +1034,17 @@ class Daemon:
             def make() -> Stream:
                 return Stream(model.inputs, state.output_names, state.run, layout(model.manifest))
 
+            t0 = time.perf_counter()
             outputs, stream = self.streams.feed(sid, model.slot.digest, make, chunk)
         except InputValidationError as exc:
             return self._bad(exc, close)
         except StreamLimitError as exc:
             self.metrics.error("streams")
             return 429, _response(429, _error_body("stream", str(exc)), close, extra=b"Retry-After: 5\r\n")
+        if self.monitor is not None:  # probation health counts stream traffic like /predict
+            nonfinite = any(isinstance(o, np.ndarray) and o.dtype.kind in "fc" and not np.isfinite(o).all()
+                            for o in outputs.values())
+            self.monitor.record(time.perf_counter() - t0, nonfinite=nonfinite)
         hidden = set(stream.state_outputs)  # the state stays here; the caller gets the decisions
         keys = [k for k, n in zip(state.output_keys, state.output_names) if n not in hidden]
         values = [outputs[n] for n in state.output_names if n not in hidden]
