@@ -9,6 +9,7 @@
 #   * qemu-user-static, debootstrap: builds measure every variant under its target's integer
 #     arithmetic (qemu-x86_64 -cpu Haswell, qemu-aarch64 -cpu cortex-a72/a76); the aarch64 sysroot
 #     itself is built and cached by `edgepack bench setup-emulator` (tests call it).
+#   * espeak-ng: examples/vad/train.py synthesizes the streaming VAD example's speech offline.
 # Idempotent: installs only what is missing, starts the cluster only if it is down, creates the
 # role and database only if they are missing; a fully set-up machine is a fast no-op.
 # Run as root (CI does; there is no systemd in CI containers) or with sudo available.
@@ -82,6 +83,7 @@ missing=()
 [ -n "$(nginx_bin)" ] || missing+=(nginx)
 command -v qemu-x86_64-static >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1 || missing+=(qemu-user-static)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 
 installed_nginx=no
 if [ ${#missing[@]} -gt 0 ]; then

@@ -78,6 +78,8 @@ def _spill_dir() -> Path:
 def _fit_array(array: np.ndarray, spec: TensorSpec, source: str, key: str) -> np.ndarray:
     """Check one input array against the model input; return it ready to slice."""
     if array.ndim == 0:
+        if spec.shape == ():
+            return array  # a scalar input: the one value goes with every sample
         raise DataError(f"{source}: '{key}' is a scalar; it must hold one sample per row, shaped [n, ...].")
     if spec.shape is not None:
         want = spec.sample_shape
@@ -115,6 +117,11 @@ def _labels(array: np.ndarray | None, length: int, source: str) -> np.ndarray | 
 
 
 def _array_dataset(source: str, arrays: dict[str, np.ndarray], labels: np.ndarray | None, inputs: Sequence[TensorSpec]) -> Dataset:
+    # A 0-d array for a 0-d (scalar) model input is the same for every sample, e.g. a sample rate.
+    scalars = {k: a for k, a in arrays.items() if a.ndim == 0}
+    arrays = {k: a for k, a in arrays.items() if a.ndim != 0}
+    if not arrays:
+        raise DataError(f"{source} holds only scalars ({', '.join(scalars)}); add the per-sample inputs [n, ...].")
     lengths = {key: a.shape[0] for key, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{source}: inputs have different sample counts {lengths}; every input needs one row per sample.")
@@ -129,6 +136,9 @@ def _array_dataset(source: str, arrays: dict[str, np.ndarray], labels: np.ndarra
             chunk = np.asarray(array[start:stop])
             want = dtypes.get(name)
             feed[name] = np.ascontiguousarray(chunk.astype(want, copy=False) if want is not None else chunk)
+        for name, value in scalars.items():
+            want = dtypes.get(name)
+            feed[name] = np.array(value, dtype=want if want is not None else value.dtype)
         return feed
 
     return Dataset(source, length, take, _labels(labels, length, source))

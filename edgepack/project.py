@@ -21,6 +21,7 @@ SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-
 VARIANTS = ("fp32", "int8", "fp16", "tflite-fp32", "tflite-fp16", "tflite-int8")
 MODEL_KINDS = ("onnx", "pytorch", "sklearn", "tflite", "keras")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INPUT_KINDS = ("image", "tabular", "audio", "frames")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ class Project:
     signing_key: Path
     output_dir: Path
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: The model input the preprocessing computes (None: the model's only input).
+    feeds: str | None = None
+    #: Other model inputs with their roles (edgepack.stream.ExtraInput).
+    extra_inputs: tuple = ()
+    #: The stateful model's declaration (edgepack.stream.StreamSpec), or None.
+    stream: Any = None
+    #: Node name patterns (fnmatch) that int8 leaves in float, e.g. a signal front end.
+    keep_float: tuple[str, ...] = ()
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -83,15 +92,16 @@ class Project:
 
 # Allowed keys per section: the source of "unknown key" errors and suggestions.
 _KEYS: dict[str, tuple[str, ...]] = {
-    "": ("name", "version", "description", "model", "input", "output", "data", "targets", "quantization", "gates", "signing", "output_dir"),
+    "": ("name", "version", "description", "model", "input", "output", "data", "targets", "quantization", "gates", "signing", "output_dir",
+         "inputs", "stream"),
     "model": ("kind", "path", "module", "weights", "input_shape", "input_dtype", "input_name", "output_name", "n_features", "opset"),
-    "input": ("name", "image", "tabular", "fold_normalization"),
+    "input": ("name", "image", "tabular", "audio", "frames", "feeds", "fold_normalization"),
     "output": ("softmax", "top_k", "labels"),
     "data": ("calibration", "validation", "golden_vectors"),
     "data.calibration": ("path", "key", "labels"),
     "data.validation": ("path", "key", "labels"),
     "targets[]": ("device", "variants"),
-    "quantization": ("per_channel", "calibration_method"),
+    "quantization": ("per_channel", "calibration_method", "keep_float"),
     "gates": ("max_accuracy_drop", "min_accuracy", "min_agreement", "max_size_mb", "max_latency_ms"),
     "signing": ("key",),
 }
@@ -177,9 +187,9 @@ def validate_project(data: Any) -> list[str]:
     inp = _section(data, "input", "", problems)
     if inp:
         _unknown("input", inp, "input", problems)
-        kinds = [k for k in ("image", "tabular") if k in inp]
+        kinds = [k for k in INPUT_KINDS if k in inp]
         if len(kinds) != 1:
-            problems.append("input: declare exactly one of 'image' or 'tabular' preprocessing")
+            problems.append(f"input: declare exactly one of {', '.join(repr(k) for k in INPUT_KINDS)} preprocessing")
         else:
             from .preprocess import preprocess_from_dict
 
@@ -195,6 +205,8 @@ def validate_project(data: Any) -> list[str]:
                 problems.append(f"input.{kinds[0]}: {exc}")
         if "name" in inp and (not isinstance(inp["name"], str) or not inp["name"]):
             problems.append("input.name: must be a non-empty string")
+        if "feeds" in inp and (not isinstance(inp["feeds"], str) or not inp["feeds"]):
+            problems.append("input.feeds: must be the name of the model input the raw input is preprocessed into")
         if "fold_normalization" in inp and not isinstance(inp["fold_normalization"], bool):
             problems.append("input.fold_normalization: must be true or false")
 
@@ -246,6 +258,9 @@ def validate_project(data: Any) -> list[str]:
         _unknown("quantization", quant, "quantization", problems)
         if "per_channel" in quant and not isinstance(quant["per_channel"], bool):
             problems.append("quantization.per_channel: must be true or false")
+        keep = quant.get("keep_float", [])
+        if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+            problems.append("quantization.keep_float: must be a list of node names or name patterns such as 'frontend/*'")
         if quant.get("calibration_method", "minmax") not in CALIBRATION_METHODS:
             problems.append(f"quantization.calibration_method: must be one of {', '.join(CALIBRATION_METHODS)}")
 
@@ -256,6 +271,10 @@ def validate_project(data: Any) -> list[str]:
             _fraction(gates, key, "gates", problems)
         for key in ("max_size_mb", "max_latency_ms"):
             _positive(gates, key, "gates", problems)
+
+    from .stream import validate_section
+
+    problems.extend(validate_section(data))  # inputs: (roles) and stream: (state, decision)
 
     signing = _section(data, "signing", "", problems)
     if signing:
@@ -331,7 +350,10 @@ def load_project(path: str | Path) -> Project:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"Project file {path} has {len(problems)} problem(s); fix them and retry:\n{listing}")
     inp = data["input"]
-    kind = "image" if "image" in inp else "tabular"
+    kind = next(k for k in INPUT_KINDS if k in inp)
+    from .stream import parse_project
+
+    extra_inputs, stream = parse_project(data)
     quant = data.get("quantization") or {}
     gates = data.get("gates") or {}
     out = data.get("output") or None
@@ -360,4 +382,8 @@ def load_project(path: str | Path) -> Project:
         signing_key=base / data["signing"]["key"],
         output_dir=base / data.get("output_dir", "dist"),
         raw=data,
+        feeds=inp.get("feeds"),
+        extra_inputs=extra_inputs,
+        stream=stream,
+        keep_float=tuple(quant.get("keep_float", ())),
     )

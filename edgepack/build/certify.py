@@ -69,7 +69,10 @@ class ClassMeasurement:
         return {"how": self.how, "passed": self.passed, "failures": list(self.failures), "cached": self.cached,
                 **({} if n is None else {"accuracy": n.accuracy, "reference_accuracy": n.reference_accuracy,
                                          "agreement": n.agreement, "max_abs_error": n.max_abs_error,
-                                         "cosine": n.cosine, "samples": n.samples})}
+                                         "cosine": n.cosine, "samples": n.samples}),
+                # stream models: the per-stream decision agreement under this class
+                **({"min_stream_agreement": n.min_stream_agreement, "stream_agreement": list(n.stream_agreement)}
+                   if getattr(n, "stream_agreement", None) else {})}
 
 
 @dataclass
@@ -103,12 +106,13 @@ def _describe_numerics(n) -> str:
 
 def measure(result, klass: str, *, host_class: str, host_session, reference, validation, batch: int,
             golden_feed: dict, gate: Callable, config, run: Callable, progress: Callable[[str], None],
-            data_digest: Callable[[], str] | None = None) -> ClassMeasurement:
+            data_digest: Callable[[], str] | None = None, compare: Callable | None = None) -> ClassMeasurement:
     """Measure one built variant under ``klass`` and gate it there (reusing an identical earlier measurement)."""
     from ..arith import RemoteError, Unavailable, open_measurer
     from ..arith.cache import MeasurementCache
     from ..arith.measure import planned_how
-    from ..optimize.evaluate import compare
+    if compare is None:  # stream models pass their own (chunk by chunk, carrying state)
+        from ..optimize.evaluate import compare
 
     if klass == host_class:
         return ClassMeasurement(klass, "native", result.numerics, gate(result, result.numerics), run(host_session, golden_feed))
@@ -149,7 +153,7 @@ def measure(result, klass: str, *, host_class: str, host_session, reference, val
 def certify(project, results: dict, *, host_class: str, classes_of: dict[str, str], sessions: dict, reference,
             validation, calibration, batch: int, golden_feed: dict, gate: Callable, config, run: Callable,
             requantize: Callable[[dict], Any], progress: Callable[[str], None],
-            data_digest: Callable[[], str] | None = None) -> list[TargetVerdict]:
+            data_digest: Callable[[], str] | None = None, compare: Callable | None = None) -> list[TargetVerdict]:
     """Measure every variant under every class that needs it; decide every (target, variant) pair.
 
     Args:
@@ -172,7 +176,8 @@ def certify(project, results: dict, *, host_class: str, classes_of: dict[str, st
         for klass in sorted(wanted[variant]):
             result.classes[klass] = measure(result, klass, host_class=host_class, host_session=sessions[variant],
                                             reference=reference, validation=validation, batch=batch, golden_feed=golden_feed,
-                                            gate=gate, config=config, run=run, progress=progress, data_digest=data_digest)
+                                            gate=gate, config=config, run=run, progress=progress, data_digest=data_digest,
+                                            compare=compare)
     verdicts: list[TargetVerdict] = []
     replacements: dict[str, Any] = {}
     for target in project.targets:
@@ -191,7 +196,7 @@ def certify(project, results: dict, *, host_class: str, classes_of: dict[str, st
                     replacements[klass] = _requantize_for(klass, requantize, results, sessions, host_class=host_class,
                                                           reference=reference, validation=validation, batch=batch,
                                                           golden_feed=golden_feed, gate=gate, config=config, run=run,
-                                                          progress=progress, data_digest=data_digest)
+                                                          progress=progress, data_digest=data_digest, compare=compare)
                 replacement, tried = replacements[klass]
                 if replacement is not None:
                     verdicts.append(TargetVerdict(

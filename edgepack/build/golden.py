@@ -44,7 +44,8 @@ def write_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for key in sorted(arrays):
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            # asarray, not ascontiguousarray: that turns a 0-d scalar input (a sample rate) into [1].
+            np.lib.format.write_array(member, np.asarray(arrays[key], order="C"), allow_pickle=False)
             info = zipfile.ZipInfo(key + ".npy", date_time=_FIXED_DATE)
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
@@ -116,7 +117,7 @@ def golden_count(requested: int, available: int, fixed_batch: int | None) -> int
 
 
 def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float],
-                 batch: int | None = None) -> list[str]:
+                 batch: int | None = None, stream: Mapping | None = None) -> list[str]:
     """Run ``sess`` on the golden inputs; describe every output outside its tolerance.
 
     The comparison is the device's own (:func:`edgepack_runtime.selftest.compare_golden`), so
@@ -129,5 +130,10 @@ def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerance
     if missing:
         return [f"{variant}: golden vectors have no input {', '.join(missing)}"]
     names = [o.name for o in sess.get_outputs()]
-    outputs = run_golden(lambda f: sess.run(None, f), feed, batch)
+    if stream:  # the manifest's golden stream: replayed step by step like the device does
+        from edgepack_runtime.stream import replay
+
+        outputs = replay(lambda f: sess.run(None, f), [i.name for i in sess.get_inputs()], names, arrays, stream)
+    else:
+        outputs = run_golden(lambda f: sess.run(None, f), feed, batch)
     return [f"{variant}: {p}" for p in compare_golden(variant, names, outputs, arrays, tolerances)]

@@ -189,15 +189,27 @@ def _relative(path: Path, base: Path) -> str:
 def _datasets(project, inputs, pre, raw_name: str):
     from ..data import open_dataset
     from ..preprocess import check_raw_input
+    from .. import stream as stream_mod
 
     opened = {}
     for role, ref in (("calibration", project.calibration), ("validation", project.validation)):
         try:
-            opened[role] = open_dataset(ref.path, inputs, role, key=ref.key, labels_key=ref.labels)
+            if project.stream is not None:  # streams of chunks, run carrying the state
+                opened[role] = stream_mod.open_streams(ref.path, role, raw_name, ref.key, ref.labels, project.extra_inputs, inputs)
+            elif project.extra_inputs:  # several inputs: per-sample arrays plus constants
+                opened[role] = stream_mod.open_inputs(ref.path, role, raw_name, ref.key, ref.labels, project.extra_inputs, inputs)
+            else:
+                opened[role] = open_dataset(ref.path, inputs, role, key=ref.key, labels_key=ref.labels)
         except DataError as exc:
             raise DataError(f"data.{role}: {exc}") from exc
     cal, val = opened["calibration"], opened["validation"]
     for role, ds in (("calibration", cal), ("validation", val)):
+        if project.stream is not None:
+            try:
+                check_raw_input(pre, ds.raw_chunks())
+            except DataError as exc:
+                raise DataError(f"The {role} data {ds.source} is not valid raw input: {exc}") from None
+            continue
         for start, feed in ds.batches(256):
             try:
                 check_raw_input(pre, feed[raw_name])
@@ -222,7 +234,9 @@ def _run(sess, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     rows = next(iter(feed.values())).shape[0]
     if fixed is None or fixed == rows:
         return [np.asarray(o) for o in sess.run(None, feed)]
-    parts = [sess.run(None, {k: v[s:s + fixed] for k, v in feed.items()}) for s in range(0, rows - rows % fixed, fixed)]
+    # Constants (a 0-d scalar, a shared [1, ...] tensor) go whole into every chunk; samples are sliced.
+    parts = [sess.run(None, {k: v[s:s + fixed] if v.ndim and v.shape[0] == rows else v for k, v in feed.items()})
+             for s in range(0, rows - rows % fixed, fixed)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else []
 
 
@@ -277,8 +291,11 @@ def _quant_options(project, fp32_bytes: bytes, batch: int):
     # lose the confidence resolution monitoring and thresholds rely on. So do the area
     # resize's box weights: they depend on the image size and calibration sees one size
     # (int8 would turn 0.5 into 0.504 for every size it did not see).
+    from fnmatch import fnmatchcase
+
+    keep = tuple(getattr(project, "keep_float", ()))  # quantization.keep_float patterns
     post_nodes = tuple(n.name for n in onnx.load_from_string(fp32_bytes).graph.node
-                       if n.name.startswith(("post/", AREA_NODE_PREFIX)))
+                       if n.name.startswith(("post/", AREA_NODE_PREFIX)) or any(fnmatchcase(n.name, k) for k in keep))
     return QuantOptions(per_channel=project.per_channel, calibration_method=project.calibration_method,
                         calibration_batch=batch, exclude_nodes=post_nodes)
 
@@ -317,6 +334,10 @@ def _gate_failures(project, result: VariantResult, numerics=None) -> list[str]:
         if n.agreement is None:
             min_cosine = DEFAULT_MIN_COSINE
     failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine), n)
+    if PRECISIONS[result.variant] != "fp32":
+        from ..stream import state_gate_failures
+
+        failures.extend(state_gate_failures(n))  # stream models: every output, the state included
     if g.min_accuracy is not None:
         if n.accuracy is None:
             failures.append("min_accuracy cannot be measured: the validation data has no labels or the output is not class scores")
@@ -400,7 +421,10 @@ def _io_schema(embedded, pre, post, val_raw: dict[str, np.ndarray], fp32_outputs
         else:
             value_range = None
         extra: dict[str, Any] = {"preprocess": pre.to_dict()}
-        if pre.to_dict().get("kind") == "image":
+        if hasattr(pre, "schema_extra"):  # audio, frames
+            extra.update(pre.schema_extra())
+            value_range = extra.pop("value_range", value_range)
+        elif pre.to_dict().get("kind") == "image":
             extra["layout"] = "NHWC"
             extra["size_range"] = {"min": list(pre.min_size), "max": list(pre.max_size)}
             if spec.shape is not None and len(spec.shape) == 4 and tuple(pre.min_size) == tuple(pre.max_size):
@@ -434,6 +458,19 @@ def _io_schema(embedded, pre, post, val_raw: dict[str, np.ndarray], fp32_outputs
             extra["labels"] = labels
         outputs.append(tensor_schema(spec, value_range, **extra))
     return {"inputs": inputs, "outputs": outputs}
+
+
+def _io_with_roles(project, raw_name: str, schema: dict, validation) -> dict:
+    """Multi-input/stateful models: each input's role in the schema (constants with their value)."""
+    if not project.extra_inputs and project.stream is None:
+        return schema
+    from ..stream import annotate_schema
+
+    constants = getattr(validation, "constants", None)
+    if constants is None:
+        constants = {k: v for k, v in validation.batch(0, 1).items()
+                     if k in {e.name for e in project.extra_inputs if e.role == "constant"}}
+    return annotate_schema(schema, raw_name, project.extra_inputs, project.stream, constants)
 
 
 def _numerics_dict(n) -> dict | None:
@@ -501,7 +538,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         post = Postprocess(**spec)
 
     progress("Embedding preprocessing")
-    embedded = embed_preprocessing(source, pre, post, raw_name)
+    embedded = embed_preprocessing(source, pre, post, raw_name, feeds=project.feeds)
     fold_info: dict[str, Any] = {"requested": project.fold_normalization, "applied": False, "detail": "not requested"}
     base = embedded
     if project.fold_normalization:
@@ -510,16 +547,34 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         fold_info.update(applied=folded.folded, detail=folded.reason)
     inputs = graph_inputs(embedded)
     batch = batch_size_for(inputs)
+    stream = project.stream
+    if project.extra_inputs or stream is not None:
+        from .. import stream as stream_mod
+        from ..modelio import graph_outputs
+
+        stream_mod.check_model(project.extra_inputs, stream, raw_name, project.feeds, inputs, graph_outputs(embedded))
+        tflite = [v for v in project.variants if v.startswith("tflite-")]
+        if tflite:
+            raise ConfigError(f"targets: {', '.join(tflite)} cannot be built for a model with several inputs or state yet "
+                              "(the TFLite check feeds one input); use the onnx variants fp32/int8/fp16.")
     calibration, validation = _datasets(project, inputs, pre, raw_name)
     prove_source(opset_pending, pre, raw_name, {"calibration": calibration, "validation": validation}, source_lineage,
                  f"The model {source_lineage.get('file') or project.model.get('path')}")
+    if stream is not None:
+        def compare_fn(ref, cand, data, _batch):
+            return stream_mod.compare_streams(ref, cand, data, stream)
+    else:
+        compare_fn = compare
 
     progress("Optimizing graph")
     optimized, graph_report = optimize_graph(base, THREADS)
     fp32_bytes = optimized.SerializeToString()
     embedded_bytes = embedded.SerializeToString()
     reference = _session(embedded_bytes, "the embedded model")
-    check = compare(reference, _session(fp32_bytes, "the optimized model"), validation, batch)
+    check = compare_fn(reference, _session(fp32_bytes, "the optimized model"), validation, batch)
+    calibration_streams = None
+    if stream is not None:  # quantize on the states fp32 really carries into each chunk
+        calibration_streams, calibration = calibration, stream_mod.calibration_dataset(reference, calibration, stream)
     graph_info = {"applied": graph_report.applied, "nodes_before": graph_report.nodes_before,
                   "nodes_after": graph_report.nodes_after, "note": graph_report.note}
     if not check.close:
@@ -549,7 +604,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
             sessions[variant] = LiteRTSession(result.model_bytes, THREADS)
         else:
             sessions[variant] = _session(result.model_bytes, f"the {variant} variant")
-        result.numerics = compare(reference, sessions[variant], validation, batch)
+        result.numerics = compare_fn(reference, sessions[variant], validation, batch)
     progress("Measuring latency")
     timings = measure_latency({v: s for v, s in sessions.items()}, validation.batch(0, batch_size_for(inputs, 1)),
                               LATENCY_RUNS, warmup=3)
@@ -560,8 +615,15 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
 
     # A fixed-batch model runs its golden vectors in its own batch size (verify and the device too).
     fixed_batch = _fixed_batch(reference)
-    count = golden_mod.golden_count(project.golden_vectors, len(validation), fixed_batch)
-    golden_feed = validation.batch(0, count)
+    golden_layout = None
+    if stream is not None:
+        golden_feed, golden_layout = stream_mod.golden_stream(validation, stream, project.golden_vectors)
+        run_fn = stream_mod.golden_runner(golden_layout)
+        count = golden_layout["steps"]
+    else:
+        count = golden_mod.golden_count(project.golden_vectors, len(validation), fixed_batch)
+        golden_feed = validation.batch(0, count)
+        run_fn = _run
     host_cls = measure_config.resolved().host_class
     classes_of = _target_classes(project)
 
@@ -572,7 +634,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         data, audit = _quantize_bytes("static", fp32_bytes, options, calibration)
         sess = _session(data, f"int8 re-quantized with {options.describe()}")
         candidate = VariantResult("int8", data, audit=audit, quantization=options.describe(), session=sess)
-        candidate.numerics = compare(reference, sess, validation, batch)
+        candidate.numerics = compare_fn(reference, sess, validation, batch)
         return candidate
 
     from ..arith.cache import dataset_digest
@@ -580,9 +642,10 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
 
     verdicts = certify(project, results, host_class=host_cls, classes_of=classes_of, sessions=sessions, reference=reference,
                        validation=validation, calibration=calibration, batch=batch, golden_feed=golden_feed,
-                       gate=lambda r, n: _gate_failures(project, r, n), config=measure_config, run=_run,
-                       requantize=requantize, progress=progress,
-                       data_digest=functools.cache(lambda: dataset_digest(validation, batch)) if measure_config.cache_dir else None)
+                       gate=lambda r, n: _gate_failures(project, r, n), config=measure_config, run=run_fn,
+                       requantize=requantize, progress=progress, compare=compare_fn,
+                       data_digest=functools.cache(lambda: dataset_digest(validation, batch))
+                       if measure_config.cache_dir and stream is None else None)
     shipped_ids = {v.shipped for v in verdicts if v.shipped}
     ship = {key: r for key, r in results.items() if r.id in shipped_ids}
     for r in results.values():
@@ -673,7 +736,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     for result in ship.values():
         names = [o.name for o in result.session.get_outputs()]
         host_m = result.classes.get(host_cls)
-        outs = host_m.golden if host_m is not None and host_m.golden is not None else _run(result.session, golden_feed)
+        outs = host_m.golden if host_m is not None and host_m.golden is not None else run_fn(result.session, golden_feed)
         tolerances[result.id] = {}
         for name, value in zip(names, outs):
             arrays[golden_mod.output_key(result.id, name)] = value
@@ -697,11 +760,17 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     progress("Computing reference statistics")
     limit = stats_mod.MAX_SAMPLES
     val_raw: dict[str, list[np.ndarray]] = {}
-    for _start, feed in validation.batches(256, limit):
-        for k, v in feed.items():
-            val_raw.setdefault(k, []).append(v)
-    val_raw_arrays = {k: np.concatenate(v) for k, v in val_raw.items()}
-    outputs = {r.id: _collect(r.session, validation, batch, limit) for r in ship.values()}
+    per_sample = {raw_name, *(e.name for e in project.extra_inputs if e.role == "per_sample")}
+    if stream is not None:
+        val_raw_arrays = {raw_name: validation.raw_chunks()[:limit]}
+        outputs = {r.id: [o[:limit] for o in stream_mod.collect(r.session, validation, stream)] for r in ship.values()}
+    else:
+        for _start, feed in validation.batches(256, limit):
+            for k, v in feed.items():
+                if k in per_sample:  # constants are not samples
+                    val_raw.setdefault(k, []).append(v)
+        val_raw_arrays = {k: np.concatenate(v) for k, v in val_raw.items()}
+        outputs = {r.id: _collect(r.session, validation, batch, limit) for r in ship.values()}
     labels = list(post.labels) if post is not None and post.labels else None
     feature_names = {raw_name: list(pre.raw_columns)} if hasattr(pre, "raw_columns") else None
     stats_doc = stats_mod.reference_stats(val_raw_arrays, {v: o[0] for v, o in outputs.items()}, labels, feature_names)
@@ -716,7 +785,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         "name": project.name,
         "version": project.version,
         "description": project.description,
-        "io": _io_schema(embedded, pre, post, val_raw_arrays, outputs[fp32_key]),
+        "io": _io_with_roles(project, raw_name, _io_schema(embedded, pre, post, val_raw_arrays, outputs[fp32_key]),
+                             validation),
         "variants": [
             {"id": r.id, "file": r.file, "engine": variant_engine(r.variant), "precision": PRECISIONS[r.variant], "min_runtime": MIN_RUNTIME,
              "devices": r.devices, "size_bytes": r.size_bytes,
@@ -731,7 +801,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                     for t in project.targets},
         "golden": {"file": GOLDEN_FILE, "count": count, **({"batch": fixed_batch} if fixed_batch else {}),
                    "rule": golden_mod.RULE, "tolerances": tolerances,
-                   "class_rule": golden_mod.CLASS_RULE, "classes": golden_classes},
+                   "class_rule": golden_mod.CLASS_RULE, "classes": golden_classes,
+                   **({"stream": golden_layout} if golden_layout else {})},
         "reference_stats": {"file": STATS_FILE},
         "lineage": {
             "source_model": source_lineage,

@@ -278,7 +278,9 @@ def inspect(
         typer.echo(f"  {manifest['description']}")
     io = manifest.get("io") or {}
     for spec in io.get("inputs", []):
-        typer.echo(f"  input  {spec.get('name')} {spec.get('dtype')} {spec.get('shape')} range {spec.get('value_range')}")
+        role = spec.get("role")
+        role = "" if role in (None, "raw") else f"  ({role}" + (f" from {spec['state_output']}" if spec.get("state_output") else "") + ")"
+        typer.echo(f"  input  {spec.get('name')} {spec.get('dtype')} {spec.get('shape')} range {spec.get('value_range')}{role}")
     for spec in io.get("outputs", []):
         labels = spec.get("labels")
         typer.echo(f"  output {spec.get('name')} {spec.get('dtype')} {spec.get('shape')}" + (f" labels {', '.join(labels)}" if labels else ""))

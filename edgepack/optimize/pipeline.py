@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .._atomic import atomic_write_bytes
 from ..data import Dataset, open_dataset, random_dataset
+from ..data_needed import data_needed, random_is_meaningful
 from ..errors import ConfigError, DataError, GateError, ModelError, NotQuantizableError, OptimizationError
-from ..modelio import graph_inputs, parse_model, read_model_bytes, runtime_load_error
+from ..modelio import graph_inputs, graph_outputs, parse_model, read_model_bytes, runtime_load_error
 from . import gate as gates
 from .evaluate import Latency, Numerics, batch_size_for, compare, measure_latency, session
 from .graph import GraphReport, optimize_graph
@@ -212,6 +213,10 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
     _check_output_path(config.output, config.model)
     calibration = open_dataset(config.calibration, inputs, "calibration") if config.calibration else None
     evaluation, eval_kind = _evaluation_data(config, inputs, calibration)
+    no_data = config.validation is None and calibration is None
+    if no_data and config.quantize != "none" and inputs and not random_is_meaningful(inputs):
+        # Never an unmeasured quantized result: say which data would measure it.
+        raise DataError(data_needed(str(config.model), inputs, graph_outputs(original)))
     batch = batch_size_for(inputs)
     warnings: list[str] = []
     target_class = None
@@ -239,7 +244,9 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
         raise runtime_load_error(exc, str(config.model)) from exc
     if evaluation is not None:
         problem = _runs_on(reference, evaluation, batch, batch_size_for(inputs, 1), config)
-        if problem is not None and config.validation is None and calibration is None:
+        if problem is not None and no_data and config.quantize != "none":
+            raise DataError(data_needed(str(config.model), inputs, graph_outputs(original)))
+        if problem is not None and no_data:
             evaluation = None  # random inputs the original itself rejects (shapes, index values) verify nothing
         elif problem is not None:
             raise DataError(

@@ -23,6 +23,7 @@ from .graph import (
     fold_normalization,
     try_fold_normalization,
 )
+from .audio import AudioPreprocess, FramesPreprocess
 from .reference import (
     apply_reference,
     check_raw_input,
@@ -44,7 +45,7 @@ from .spec import (
 )
 
 __all__ = [
-    "LUMA_WEIGHTS", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS",
+    "AudioPreprocess", "FramesPreprocess", "LUMA_WEIGHTS", "METADATA_LABELS", "METADATA_POSTPROCESS", "METADATA_PREPROCESS",
     "OUTPUT_LETTERBOX", "Column", "ColumnPlan", "FoldResult", "ImagePreprocess", "Postprocess", "Preprocess", "TabularPreprocess",
     "apply_reference", "check_raw_input", "embed_preprocessing", "fit_tabular", "fold_normalization",
     "labels_for", "letterbox_reference", "postprocess_reference", "unletterbox_boxes", "preprocess_from_dict", "try_fold_normalization",

@@ -116,9 +116,17 @@ def _describe(dims: list[int | str | None] | None, elem_type: int) -> str:
     return f"{shape} {dtype}"
 
 
-def _model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+def _model_input(model: onnx.ModelProto, feeds: str | None = None) -> onnx.ValueInfoProto:
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
+    if feeds is not None:
+        # A multi-input model: the preprocessing computes the named input; the others stay graph inputs.
+        chosen = [i for i in inputs if i.name == feeds]
+        if not chosen:
+            names = ", ".join(repr(i.name) for i in inputs) or "none"
+            raise ConfigError(f"input.feeds names model input {feeds!r}, but the model's inputs are {names}; "
+                              f"name the input the raw data is preprocessed into.")
+        inputs = chosen
     if len(inputs) != 1:
         names = ", ".join(repr(i.name) for i in inputs) or "none"
         raise ModelError(f"Embedded preprocessing feeds exactly one model input, but the model has {len(inputs)} "
@@ -371,6 +379,8 @@ def _tabular_nodes(b: _Builder, pre: TabularPreprocess, raw: str) -> None:
 def _raw_input(pre: Preprocess, name: str, model_input: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     dims = _dims(model_input)
     batch = dims[0] if dims and dims[0] is not None else "batch"
+    if hasattr(pre, "raw_value_info"):
+        return pre.raw_value_info(name, batch)
     if isinstance(pre, ImagePreprocess):
         return helper.make_tensor_value_info(name, TensorProto.UINT8, [batch, "height", "width", pre.raw_channels])
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, len(pre.raw_columns)])
@@ -445,7 +455,7 @@ def _check(model: onnx.ModelProto, original: onnx.ModelProto, what: str) -> None
 
 
 def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postprocess | None = None,
-                        raw_input_name: str = "raw") -> onnx.ModelProto:
+                        raw_input_name: str = "raw", feeds: str | None = None) -> onnx.ModelProto:
     """Put preprocessing nodes in front of ``model`` (and post-processing after it).
 
     The raw input becomes the only graph input. New nodes and tensors are named
@@ -463,6 +473,8 @@ def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postproce
             A ``letterbox`` spec adds the last output ``letterbox`` (float32 ``[N, 6]``,
             see :class:`ImagePreprocess`).
         raw_input_name: Name of the new raw graph input.
+        feeds: For a model with several inputs, the one the preprocessing computes;
+            the others stay graph inputs after the raw one (state, scalars, ...).
 
     Returns:
         A new, checked model.
@@ -481,8 +493,10 @@ def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postproce
         raise ModelError(f"The model uses ONNX opset {opset}, but embedded preprocessing needs opset {MIN_OPSET} or "
                          f"newer (Resize, Softmax and TopK changed there); re-export the model with opset >= "
                          f"{MIN_OPSET}, e.g. torch.onnx.export(..., opset_version=17).")
-    model_input = _model_input(model)
-    if isinstance(pre, ImagePreprocess):
+    model_input = _model_input(model, feeds)
+    if hasattr(pre, "check_fit"):
+        pre.check_fit(_dims(model_input), model_input.type.tensor_type.elem_type, model_input.name, _describe)
+    elif isinstance(pre, ImagePreprocess):
         _check_image_fit(pre, model_input)
     else:
         _check_tabular_fit(pre, model_input)
@@ -501,7 +515,10 @@ def embed_preprocessing(model: onnx.ModelProto, pre: Preprocess, post: Postproce
         taken.add(OUTPUT_LETTERBOX)
 
     b = _Builder(PREFIX, taken)
-    (_image_nodes if isinstance(pre, ImagePreprocess) else _tabular_nodes)(b, pre, raw_input_name)
+    if hasattr(pre, "graph_nodes"):
+        pre.graph_nodes(b, raw_input_name)
+    else:
+        (_image_nodes if isinstance(pre, ImagePreprocess) else _tabular_nodes)(b, pre, raw_input_name)
     b.nodes[-1].output[0] = model_input.name  # the model reads its input tensor, now computed
 
     initializer_inputs = [i for i in graph.input if i.name != model_input.name]

@@ -38,7 +38,9 @@ def check_raw_input(pre: Preprocess, raw: Any) -> None:
     """
     if not isinstance(raw, np.ndarray):
         raise DataError(f"Raw input must be a numpy array, got {type(raw).__name__}; wrap it with np.asarray(...).")
-    if isinstance(pre, ImagePreprocess):
+    if hasattr(pre, "check_raw"):  # plug-in kinds (audio, frames) carry their own checks
+        pre.check_raw(raw)
+    elif isinstance(pre, ImagePreprocess):
         _check_image(pre, raw)
     else:
         _check_tabular(pre, raw)
@@ -118,6 +120,8 @@ def apply_reference(pre: Preprocess, raw: np.ndarray) -> np.ndarray:
     """
     pre.validate()
     check_raw_input(pre, raw)
+    if hasattr(pre, "reference"):
+        return pre.reference(raw)
     if isinstance(pre, ImagePreprocess):
         return _image(pre, raw)
     return _tabular(pre, raw)

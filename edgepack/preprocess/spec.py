@@ -644,9 +644,11 @@ def preprocess_from_dict(data: dict[str, Any]) -> Preprocess:
     """
     data = dict(data)
     kind = data.pop("kind", None)
-    classes = {"image": ImagePreprocess, "tabular": TabularPreprocess}
+    from .audio import PLUGIN_KINDS
+
+    classes = {"image": ImagePreprocess, "tabular": TabularPreprocess, **PLUGIN_KINDS}
     if kind not in classes:
-        raise ConfigError(f"Preprocessing needs kind: image or kind: tabular, got {kind!r}.")
+        raise ConfigError(f"Preprocessing needs kind: {', '.join(classes)}, got {kind!r}.")
     cls = classes[kind]
     _reject_unknown(cls, data, f"{kind} preprocessing")
     if kind == "tabular":

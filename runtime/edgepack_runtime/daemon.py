@@ -93,13 +93,13 @@ from .validate import ImageListFeed, InputValidationError, run_image_list
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 MAX_LABEL_BYTES = 64 * 1024
-ENDPOINTS = ("/predict", "/labels", "/healthz", "/readyz", "/info", "/metrics")
+ENDPOINTS = ("/predict", "/labels", "/healthz", "/readyz", "/info", "/metrics", "/stream")
 
 _JSON = b"application/json"
 _NPY = b"application/x-npy"
 _PROM = b"text/plain; version=0.0.4; charset=utf-8"
 _REASONS = {
-    100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
     500: "Internal Server Error", 503: "Service Unavailable",
 }
 _STATUS = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in _REASONS.items()}
@@ -247,6 +247,9 @@ class DaemonOptions:
     ota: Optional[Any] = None
     shadow: Optional[Path] = None
     shadow_sample: float = 0.25
+    #: Streams (/stream sessions of a stateful model) open at once, and their idle expiry.
+    max_streams: int = 64
+    stream_idle_seconds: float = 300.0
 
 
 def parse_http(value: str, allow_any: bool = False) -> Tuple[str, int]:
@@ -315,6 +318,8 @@ def options_from_args(args: Any, env: Mapping[str, str]) -> DaemonOptions:
         ota=ota,
         shadow=Path(args.shadow) if getattr(args, "shadow", None) else None,
         shadow_sample=_shadow_sample(getattr(args, "shadow_sample", 0.25)),
+        max_streams=int(_env_float(env, "EDGEPACK_MAX_STREAMS", 64, 1)),
+        stream_idle_seconds=_env_float(env, "EDGEPACK_STREAM_IDLE_SECONDS", 300.0, 0.1),
     )
 
 
@@ -598,7 +603,12 @@ class Daemon:
             b"/readyz": ("/readyz", b"GET", self._readyz),
             b"/info": ("/info", b"GET", self._info),
             b"/metrics": ("/metrics", b"GET", self._metrics),
+            # A 4th element handles DELETE on the same path (ending a stream).
+            b"/stream": ("/stream", b"POST", self._stream, self._stream_end),
         }
+        from .stream import Streams
+
+        self.streams = Streams(options.max_streams, options.stream_idle_seconds)
         self._wake_r = self._wake_w = -1
         self.addresses: Dict[str, str] = {}
         self._load_lock = threading.Lock()  # SIGHUP's worker and the OTA thread never load at once
@@ -799,6 +809,8 @@ class Daemon:
                 close = close or conn.closing
                 qmark = target.find(b"?")
                 route = routes.get(target if qmark < 0 else target[:qmark])
+                if method == b"DELETE" and route is not None and len(route) > 3:
+                    route = (route[0], b"DELETE", route[3])
                 if route is None:
                     endpoint, code = "other", 404
                     metrics.error("not_found")
@@ -976,6 +988,83 @@ class Daemon:
             return 200, _response(200, _npy_bytes(outputs[0]), close, _NPY, extra)
         return 200, _response(200, b'{"outputs":' + _outputs_json(state.output_keys, outputs) + state.json_tail + pid.encode() + b'"}', close)
 
+    def _stream_request(self, headers: Dict[bytes, bytes], body: bytes, state: ModelState) -> Tuple[str, Any]:
+        """(stream id, the chunk: an array or a dict by input name) of a /stream request."""
+        from .stream import layout
+
+        if layout(state.model.manifest) is None:
+            raise InputValidationError("path", f"{state.name} {state.version} declares no state; use /predict")
+        ctype = headers.get(b"content-type", b"")
+        sid: Any = headers.get(b"x-stream-id", b"").decode("latin-1") or None
+        if ctype.startswith(_JSON):
+            try:
+                obj = _DECODE(body.decode()) if body else {}
+            except (ValueError, RecursionError) as exc:
+                raise InputValidationError("body", f"is not valid JSON ({str(exc)[:200]})") from None
+            if not isinstance(obj, dict):
+                raise InputValidationError("body", 'must be a JSON object such as {"stream": "ID", "inputs": {"NAME": [[...]]}}')
+            for key in obj:
+                if key not in ("stream", "inputs"):
+                    raise InputValidationError(key, 'is not a request field; send {"stream": ID, "inputs": {NAME: array}}')
+            sid = obj.get("stream", sid)
+            chunk: Any = obj.get("inputs")
+        elif ctype.startswith(_NPY):
+            chunk = parse_npy(body)
+        elif not body:
+            chunk = None
+        else:
+            raise InputValidationError("Content-Type", "must be application/json or application/x-npy")
+        if not isinstance(sid, str) or not 1 <= len(sid) <= 128:
+            raise InputValidationError("stream", "must be a stream id string of 1 to 128 characters (JSON \"stream\" or X-Stream-Id)")
+        return sid, chunk
+
+    def _stream(self, headers: Dict[bytes, bytes], body: bytes, close: bool) -> Tuple[int, bytes]:
+        """POST /stream: one chunk of stream ID; the state stays on the device between calls."""
+        from .stream import Stream, StreamLimitError, layout
+
+        state = self.state
+        if state is None:
+            return self._unavailable(close)
+        try:
+            sid, chunk = self._stream_request(headers, body, state)
+            if chunk is None:
+                raise InputValidationError("inputs", "is missing; send the chunk as {\"inputs\": {NAME: array}} or an .npy body")
+            model = state.model
+
+            def make() -> Stream:
+                return Stream(model.inputs, state.output_names, state.run, layout(model.manifest))
+
+            t0 = time.perf_counter()
+            outputs, stream = self.streams.feed(sid, model.slot.digest, make, chunk)
+        except InputValidationError as exc:
+            return self._bad(exc, close)
+        except StreamLimitError as exc:
+            self.metrics.error("streams")
+            return 429, _response(429, _error_body("stream", str(exc)), close, extra=b"Retry-After: 5\r\n")
+        if self.monitor is not None:  # probation health counts stream traffic like /predict
+            nonfinite = any(isinstance(o, np.ndarray) and o.dtype.kind in "fc" and not np.isfinite(o).all()
+                            for o in outputs.values())
+            self.monitor.record(time.perf_counter() - t0, nonfinite=nonfinite)
+        hidden = set(stream.state_outputs)  # the state stays here; the caller gets the decisions
+        keys = [k for k, n in zip(state.output_keys, state.output_names) if n not in hidden]
+        values = [outputs[n] for n in state.output_names if n not in hidden]
+        tail = (',"stream":' + json.dumps(sid) + ',"step":%d,"model":' % stream.steps
+                + json.dumps(state.ident, separators=(",", ":")) + "}").encode()
+        return 200, _response(200, b'{"outputs":' + _outputs_json(keys, values) + tail, close)
+
+    def _stream_end(self, headers: Dict[bytes, bytes], body: bytes, close: bool) -> Tuple[int, bytes]:
+        """DELETE /stream: forget stream ID's state (X-Stream-Id header or {"stream": ID})."""
+        state = self.state
+        if state is None:
+            return self._unavailable(close)
+        try:
+            sid, _chunk = self._stream_request(headers, body, state)
+        except InputValidationError as exc:
+            return self._bad(exc, close)
+        if not self.streams.end(sid):
+            return 404, _response(404, _error_body("stream", f"stream {sid[:128]!r} is not open (ended, expired or never started)"), close)
+        return 200, _response(200, json.dumps({"stream": sid, "ended": True}).encode(), close)
+
     def _labels(self, headers: Dict[bytes, bytes], body: bytes, close: bool) -> Tuple[int, bytes]:
         try:
             if not headers.get(b"content-type", b"").startswith(_JSON):
@@ -1048,6 +1137,7 @@ class Daemon:
             "predlog": self.predlog.stats() if self.predlog else None,
             "ota": self.ota_info(),
             "monitor": state.window.summary(reset=False) if state is not None and state.window is not None else None,
+            "streams": {"open": len(self.streams), "max": self.streams.max_streams, "idle_seconds": self.streams.idle_seconds},
         }
 
     def ota_info(self) -> Optional[Dict[str, Any]]:

@@ -169,7 +169,9 @@ class Model:
                 if len(self.inputs) != 1 or len(feed) != 1:
                     raise InputValidationError(spec["name"], "a list of images of different sizes is accepted only by single-input models; send one request per size")
                 return ImageListFeed({spec["name"]: check_image_list(spec, value)})
-        return check_feed(self.inputs, feed)
+        from .stream import with_constants
+
+        return check_feed(self.inputs, with_constants(self.inputs, feed))
 
     def run(self, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
         """Run a validated feed; an ImageListFeed runs each image on its own, outputs concatenated in order."""
@@ -191,6 +193,29 @@ class Model:
         """
         feed = self.validate(raw)
         return dict(zip(self.output_names, self.run(feed)))
+
+    @property
+    def stateful(self) -> bool:
+        """True when the bundle declares state inputs (use :meth:`stream`)."""
+        from .stream import layout
+
+        return layout(self.manifest) is not None
+
+    def stream(self):
+        """A new :class:`edgepack_runtime.stream.Stream` of this stateful model, from zero state.
+
+        ``s = model.stream(); s.feed(chunk)`` runs one chunk (raw input array, or a dict
+        with the other per-call inputs) and carries the state to the next ``feed``.
+
+        Raises:
+            EdgepackError: The bundle declares no state (call ``predict``).
+        """
+        from .stream import Stream, layout
+
+        declared = layout(self.manifest)
+        if declared is None:
+            raise EdgepackError(f"{self.name} {self.version} declares no state; call predict() instead of stream().")
+        return Stream(self.inputs, self.output_names, self.session.run, declared)
 
     def info(self) -> Dict[str, Any]:
         return {

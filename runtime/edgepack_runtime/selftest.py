@@ -145,8 +145,14 @@ def self_test(session, variant: str, directory: Path, manifest: Mapping, klass: 
     key, tolerances, _why = chosen
     arrays = load_golden(directory, manifest)
     feed = golden_feed(arrays, session.input_names)
+    stream = (manifest.get("golden") or {}).get("stream")
     try:
-        outputs = run_golden(session.run, feed, golden_batch(manifest))
+        if stream:  # a stateful model: replay the golden stream, carrying the state step by step
+            from .stream import replay
+
+            outputs = replay(session.run, session.input_names, session.output_names, arrays, stream)
+        else:
+            outputs = run_golden(session.run, feed, golden_batch(manifest))
     except Exception as exc:  # noqa: BLE001 - any engine failure fails the self-test
         raise VerificationError(f"Variant {variant} crashed on its golden vectors: {str(exc).splitlines()[0][:200]}") from exc
     problems = compare_golden(key, session.output_names, outputs, arrays, tolerances)

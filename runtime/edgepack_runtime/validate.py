@@ -151,7 +151,9 @@ def check_feed(inputs: List[Mapping[str, Any]], feed: Mapping[str, Any]) -> Dict
         if missing:
             raise InputValidationError(missing[0], "is missing")
     checked = {spec["name"]: check_input(spec, feed[spec["name"]]) for spec in inputs}
-    batches = {a.shape[0] for a in checked.values() if a.ndim} if len(checked) > 1 else ()
+    # Constants (scalars, shared tensors) and state have no sample axis of their own.
+    shared = {spec["name"] for spec in inputs if spec.get("role") in ("constant", "state")}
+    batches = {a.shape[0] for n, a in checked.items() if a.ndim and n not in shared} if len(checked) > 1 else ()
     if len(batches) > 1:
         raise InputValidationError(names[0], f"inputs disagree on the batch size {sorted(batches)}")
     return checked
