@@ -117,7 +117,7 @@ def golden_count(requested: int, available: int, fixed_batch: int | None) -> int
 
 
 def check_golden(sess, variant: str, arrays: Mapping[str, np.ndarray], tolerances: Mapping[str, float],
-                 batch: int | None = None, stream: Mapping | None = None) -> list[str]:
+                 stream: Mapping | None = None, *, batch: int | None = None) -> list[str]:
     """Run ``sess`` on the golden inputs; describe every output outside its tolerance.
 
     The comparison is the device's own (:func:`edgepack_runtime.selftest.compare_golden`), so

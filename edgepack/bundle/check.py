@@ -75,7 +75,7 @@ def _golden(root: Path, manifest) -> dict[str, Any]:
                 sess = LiteRTSession((root / variant["file"]).read_bytes(), 1)
             else:
                 sess = session((root / variant["file"]).read_bytes(), 1)
-            results[vid] = check_golden(sess, key, arrays, tolerances, batch, golden.get("stream"))
+            results[vid] = check_golden(sess, key, arrays, tolerances, golden.get("stream"), batch=batch)
         except Exception as exc:  # noqa: BLE001 - a variant that does not run on this host fails verification
             engine = "LiteRT" if litert else "onnxruntime"
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -61,10 +61,16 @@ def run_golden(run, feed: Mapping[str, np.ndarray], batch: Optional[int]) -> Lis
     Used by the device's self-test and by ``edgepack verify``, so both run the vectors
     exactly as the build did.
     """
-    rows = next(iter(feed.values())).shape[0] if feed else 0
+    # Scalars and shared tensors (a constant, a batch-1 state) are fed whole with every chunk:
+    # only arrays with the per-sample row count are sliced.
+    rows = max((np.shape(v)[0] for v in feed.values() if np.ndim(v) > 0), default=0)
     if batch is None or rows <= batch:
         return [np.asarray(o) for o in run(dict(feed))]
-    parts = [run({k: v[s:s + batch] for k, v in feed.items()}) for s in range(0, rows, batch)]
+
+    def chunk(value, start):
+        return value[start:start + batch] if np.ndim(value) > 0 and np.shape(value)[0] == rows else value
+
+    parts = [run({k: chunk(v, s) for k, v in feed.items()}) for s in range(0, rows, batch)]
     return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
 
 
