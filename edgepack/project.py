@@ -50,6 +50,8 @@ class Gates:
     min_agreement: float | None = None
     max_size_bytes: int | None = None
     max_latency_ms: float | None = None
+    #: Task and per-output thresholds (``min_box_recall``, ``min_output_cosine``...; see edgepack.tasks).
+    task: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class Project:
     stream: Any = None
     #: Node name patterns (fnmatch) that int8 leaves in float, e.g. a signal front end.
     keep_float: tuple[str, ...] = ()
+    #: The declared task (an edgepack.tasks.TaskSpec), or None: gate the first output as a classifier/cosine.
+    task: Any = None
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -90,10 +94,12 @@ class Project:
         return tuple(v for v in VARIANTS if v in wanted)
 
 
+from .tasks.spec import TASK_GATE_KEYS as _TASK_GATE_KEYS  # noqa: E402 - after the dataclasses it does not need
+
 # Allowed keys per section: the source of "unknown key" errors and suggestions.
 _KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "version", "description", "model", "input", "output", "data", "targets", "quantization", "gates", "signing", "output_dir",
-         "inputs", "stream"),
+         "inputs", "stream", "task"),
     "model": ("kind", "path", "module", "weights", "input_shape", "input_dtype", "input_name", "output_name", "n_features", "opset"),
     "input": ("name", "image", "tabular", "audio", "frames", "feeds", "fold_normalization"),
     "output": ("softmax", "top_k", "labels"),
@@ -102,7 +108,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "data.validation": ("path", "key", "labels"),
     "targets[]": ("device", "variants"),
     "quantization": ("per_channel", "calibration_method", "keep_float"),
-    "gates": ("max_accuracy_drop", "min_accuracy", "min_agreement", "max_size_mb", "max_latency_ms"),
+    "gates": ("max_accuracy_drop", "min_accuracy", "min_agreement", "max_size_mb", "max_latency_ms", *_TASK_GATE_KEYS),
     "signing": ("key",),
 }
 
@@ -271,6 +277,15 @@ def validate_project(data: Any) -> list[str]:
             _fraction(gates, key, "gates", problems)
         for key in ("max_size_mb", "max_latency_ms"):
             _positive(gates, key, "gates", problems)
+    if gates or "task" in data:
+        from .tasks import validate_task, validate_task_gates
+
+        if "task" in data:
+            problems += validate_task(data["task"])
+        problems += validate_task_gates(gates if isinstance(gates, dict) else {}, data.get("task"))
+        if "task" in data and data.get("stream") is not None:
+            problems.append("task: a stream model is gated per stream by stream.decision (carrying its state); "
+                            "declare the decision there and drop task")
 
     from .stream import validate_section
 
@@ -378,6 +393,7 @@ def load_project(path: str | Path) -> Project:
             min_agreement=gates.get("min_agreement"),
             max_size_bytes=int(gates["max_size_mb"] * 1_000_000) if gates.get("max_size_mb") else None,
             max_latency_ms=gates.get("max_latency_ms"),
+            task={k: gates[k] for k in _TASK_GATE_KEYS if gates.get(k) is not None},
         ),
         signing_key=base / data["signing"]["key"],
         output_dir=base / data.get("output_dir", "dist"),
@@ -386,4 +402,13 @@ def load_project(path: str | Path) -> Project:
         extra_inputs=extra_inputs,
         stream=stream,
         keep_float=tuple(quant.get("keep_float", ())),
+        task=_task(data, base),
     )
+
+
+def _task(data: dict, base: Path):
+    if data.get("task") is None:
+        return None
+    from .tasks import task_from_dict
+
+    return task_from_dict(data["task"], base)

@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["MeasurementCache", "default_cache_dir"]
 
-FORMAT = 1
+FORMAT = 2  # 2: Numerics carries per-output and task results
 
 
 def default_cache_dir() -> Path:

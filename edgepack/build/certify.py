@@ -69,7 +69,8 @@ class ClassMeasurement:
         return {"how": self.how, "passed": self.passed, "failures": list(self.failures), "cached": self.cached,
                 **({} if n is None else {"accuracy": n.accuracy, "reference_accuracy": n.reference_accuracy,
                                          "agreement": n.agreement, "max_abs_error": n.max_abs_error,
-                                         "cosine": n.cosine, "samples": n.samples}),
+                                         "cosine": n.cosine, "samples": n.samples,
+                                         **({"task": n.task} if getattr(n, "task", None) is not None else {})}),
                 # stream models: the per-stream decision agreement under this class
                 **({"min_stream_agreement": n.min_stream_agreement, "stream_agreement": list(n.stream_agreement)}
                    if getattr(n, "stream_agreement", None) else {})}

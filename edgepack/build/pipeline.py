@@ -328,16 +328,22 @@ def _gate_failures(project, result: VariantResult, numerics=None) -> list[str]:
     g = project.gates
     n = numerics if numerics is not None else result.numerics
     min_agreement, min_cosine = g.min_agreement, None
-    if PRECISIONS[result.variant] != "fp32":
+    if project.task is not None:
+        min_agreement = None  # the task's gates (edgepack.tasks) replace the raw first-output gate
+    elif PRECISIONS[result.variant] != "fp32":
         if min_agreement is None and n.agreement is not None:
             min_agreement = DEFAULT_MIN_AGREEMENT
         if n.agreement is None:
             min_cosine = DEFAULT_MIN_COSINE
-    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine), n)
+    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop if project.task is None else None,
+                          min_agreement=min_agreement, min_cosine=min_cosine), n)
     if PRECISIONS[result.variant] != "fp32":
         from ..stream import state_gate_failures
 
         failures.extend(state_gate_failures(n))  # stream models: every output, the state included
+    from ..tasks.gates import for_project
+
+    failures += for_project(project, n, defaults=PRECISIONS[result.variant] != "fp32")
     if g.min_accuracy is not None:
         if n.accuracy is None:
             failures.append("min_accuracy cannot be measured: the validation data has no labels or the output is not class scores")
@@ -546,6 +552,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         base = folded.model
         fold_info.update(applied=folded.folded, detail=folded.reason)
     inputs = graph_inputs(embedded)
+    if project.task is not None:
+        project.task.check_outputs([o.name for o in embedded.graph.output])
     batch = batch_size_for(inputs)
     stream = project.stream
     if project.extra_inputs or stream is not None:
@@ -564,7 +572,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         def compare_fn(ref, cand, data, _batch):
             return stream_mod.compare_streams(ref, cand, data, stream)
     else:
-        compare_fn = compare
+        compare_fn = functools.partial(compare, task=project.task)  # a declared task is decoded and measured too
 
     progress("Optimizing graph")
     optimized, graph_report = optimize_graph(base, THREADS)
@@ -644,7 +652,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                        validation=validation, calibration=calibration, batch=batch, golden_feed=golden_feed,
                        gate=lambda r, n: _gate_failures(project, r, n), config=measure_config, run=run_fn,
                        requantize=requantize, progress=progress, compare=compare_fn,
-                       data_digest=functools.cache(lambda: dataset_digest(validation, batch))
+                       # A reused measurement must also have decoded the same task alike.
+                       data_digest=functools.cache(lambda: dataset_digest(validation, batch)
+                                                   + (project.task.digest() if project.task else ""))
                        if measure_config.cache_dir and stream is None else None)
     shipped_ids = {v.shipped for v in verdicts if v.shipped}
     ship = {key: r for key, r in results.items() if r.id in shipped_ids}
@@ -821,7 +831,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
             "thresholds": {
                 "max_accuracy_drop": g.max_accuracy_drop, "min_accuracy": g.min_accuracy,
                 "min_agreement": g.min_agreement, "max_size_bytes": g.max_size_bytes, "max_latency_ms": g.max_latency_ms,
+                **g.task,
             },
+            **({"task": project.task.to_dict()} if project.task is not None else {}),
             "reference": "the fp32 model with embedded preprocessing, end to end from raw validation inputs",
             "results": {
                 r.id: {
@@ -830,6 +842,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                     "agreement": r.numerics.agreement,
                     "max_abs_error": r.numerics.max_abs_error,
                     "samples": r.numerics.samples,
+                    # Task metrics after decoding (with their sample count) and every output's agreement.
+                    **({"task": r.numerics.task} if r.numerics.task is not None else {}),
+                    "outputs": list(r.numerics.outputs),
                     "size_bytes": r.size_bytes,
                     "latency": "not gated" if g.max_latency_ms is None else "passed (measured on the build host; see the build report)",
                     "measured_on": host_cls,

@@ -48,6 +48,7 @@ def optimize(
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Smallest allowed top-1 agreement with the original, as a fraction (e.g. 0.99)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Inference threads for every measurement."),
     target: Optional[str] = typer.Option(None, "--target", help="Device profile id (e.g. rpi4): gate every candidate under that device's integer arithmetic (natively, under qemu, or by the VNNI reference), not only on this host."),
+    task: Optional[Path] = typer.Option(None, "--task", help="YAML file with a 'task:' declaration (and optional task 'gates:'); an edgepack.yaml works: gate in task terms (box recall, decoded strings, mask IoU...)."),
     runs: int = typer.Option(50, "--runs", min=1, help="Timed runs per model (interleaved)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -64,6 +65,11 @@ def optimize(
     gate = None
     if max_accuracy_drop is not None or min_agreement is not None:
         gate = Gate(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
+    task_spec, task_gates = (None, None)
+    if task is not None:
+        from ..tasks import load_task_file
+
+        task_spec, task_gates = load_task_file(task)
     config = OptimizeConfig(
         model=model,
         output=output,
@@ -77,6 +83,8 @@ def optimize(
         latency_runs=runs,
         target=target,
         measure=_measure_config() if target else None,
+        task=task_spec,
+        task_gates=task_gates,
     )
     try:
         with progress_display(not as_json) as progress:

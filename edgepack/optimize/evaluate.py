@@ -26,6 +26,11 @@ class Numerics:
         finite: False when the candidate produced NaN or infinity.
         close: Every output matches within ``rtol=1e-3, atol=1e-5`` (ONNX's own test
             tolerance family): a lossless rewrite must keep this True.
+        outputs: Per output (every one, not only the first): ``{name, kind, cosine,
+            max_abs_error, rel_error}`` for float outputs, ``{name, kind, match}`` for
+            integer ones (see :class:`edgepack.tasks.OutputStats`).
+        task: With a declared task: ``{kind, samples, metrics}`` after decoding both
+            models' outputs alike (see :class:`edgepack.tasks.TaskRun`); else None.
     """
 
     samples: int
@@ -36,6 +41,8 @@ class Numerics:
     reference_accuracy: float | None
     finite: bool
     close: bool = True
+    outputs: tuple = ()
+    task: dict | None = None
 
 
 # Tolerance for "this rewrite did not change the outputs".
@@ -74,8 +81,17 @@ def _is_class_output(array: np.ndarray) -> bool:
     return array.ndim == 2 and array.shape[1] > 1 and array.dtype.kind == "f"
 
 
-def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int | None = None) -> Numerics:
-    """Run both sessions over the dataset and compare the outputs sample by sample."""
+def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int | None = None, task=None) -> Numerics:
+    """Run both sessions over the dataset and compare the outputs sample by sample.
+
+    Args:
+        task: An :class:`edgepack.tasks.TaskSpec`: its outputs are decoded and compared too.
+    """
+    from ..tasks.measure import OutputStats, TaskRun
+
+    names = [o.name for o in reference.get_outputs()]
+    per_output = OutputStats(names)
+    task_run = TaskRun(task, names) if task is not None else None
     max_err = 0.0
     dot = ref_sq = cand_sq = 0.0
     agree = class_rows = 0
@@ -90,6 +106,9 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
             break  # a model with a fixed batch dimension cannot take the short tail
         ref_out = reference.run(None, feed)
         cand_out = candidate.run(None, feed)
+        per_output.add(ref_out, cand_out)
+        if task_run is not None:
+            task_run.add(ref_out, cand_out, None if labels is None else labels[start : start + rows])
         for ref, cand in zip(ref_out, cand_out):
             ref = np.asarray(ref)
             cand = np.asarray(cand)
@@ -153,6 +172,8 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
         reference_accuracy=ref_correct / class_rows if has_acc else None,
         finite=finite,
         close=close,
+        outputs=tuple(per_output.result()),
+        task=task_run.result() if task_run is not None else None,
     )
 
 

@@ -49,6 +49,10 @@ class OptimizeConfig:
         target: A device profile id (``rpi4``): every candidate is gated under that
             device's arithmetic class (see :mod:`edgepack.arith`), not only on this host.
         measure: How other classes are measured (qemu, reference); None: the defaults.
+        task: A declared task (:class:`edgepack.tasks.TaskSpec`): candidates are also gated
+            in its terms, and every output it does not read gets the per-output gate.
+        task_gates: Task and per-output thresholds (``gates:`` keys such as
+            ``min_box_recall``); unset ones take their documented defaults.
     """
 
     model: Path
@@ -64,6 +68,8 @@ class OptimizeConfig:
     eval_limit: int | None = None
     target: str | None = None
     measure: object | None = None
+    task: object | None = None
+    task_gates: dict | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -211,6 +217,11 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
     if any(s.dtype is None for s in inputs):
         raise ModelError(f"{config.model} has non-tensor inputs; optimize supports tensor inputs only.")
     _check_output_path(config.output, config.model)
+    output_names = [o.name for o in graph_outputs(original)]
+    if config.task is not None:
+        config.task.check_outputs(output_names)
+    # Outputs gated by the first-output gate (no task) or by the task; every other output gets its own gate.
+    covered = tuple(config.task.outputs) if config.task is not None else tuple(output_names[:1])
     calibration = open_dataset(config.calibration, inputs, "calibration") if config.calibration else None
     evaluation, eval_kind = _evaluation_data(config, inputs, calibration)
     no_data = config.validation is None and calibration is None
@@ -309,15 +320,18 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
                 if cand.mode not in runnable:
                     continue
                 progress(f"Measuring accuracy ({cand.mode})")
-                cand.numerics = compare(reference, runnable[cand.mode], evaluation, batch, config.eval_limit)
+                cand.numerics = compare(reference, runnable[cand.mode], evaluation, batch, config.eval_limit, task=config.task)
+            if gate is None and config.task is not None:
+                gate = gates.Gate()  # the task's gates replace the raw first-output gate (finiteness still checked)
             if gate is None:
                 sample = next((c.numerics for c in candidates if c.numerics is not None), None)
                 gate = gates.default_gate(evaluation.labels is not None, sample is not None and sample.agreement is not None)
+            judge = _judge(config, gate, covered)
             for cand in candidates:
                 if cand.numerics is not None:
-                    cand.gate_failures = gates.check(gate, cand.numerics)
+                    cand.gate_failures = judge(cand.numerics)
             if target_class is not None:
-                _gate_under_target(config, target_class, candidates, runnable, reference, evaluation, batch, gate,
+                _gate_under_target(config, target_class, candidates, runnable, reference, evaluation, batch, judge,
                                    base_bytes, options, calibration, progress)
         progress("Measuring latency")
         original_latency = None
@@ -344,7 +358,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
                 "samples": next((c.numerics.samples for c in candidates if c.numerics is not None), 0),
                 "labels": bool(evaluation is not None and evaluation.labels is not None),
             },
-            gate=gate.describe() if gate else "not measured",
+            gate=_describe_gate(config, gate) if gate else "not measured",
             graph=graph_report,
             original_size=len(original_bytes),
             original_latency=original_latency,
@@ -406,7 +420,7 @@ def _measure_under(klass: str, model_bytes: bytes, reference, evaluation, batch:
         except (Unavailable, RemoteError) as exc:
             return None, str(exc)
         try:
-            return measurer.how, compare(reference, measurer.session, evaluation, batch, config.eval_limit)
+            return measurer.how, compare(reference, measurer.session, evaluation, batch, config.eval_limit, task=config.task)
         except RemoteError as exc:
             return None, str(exc)
         finally:
@@ -417,7 +431,34 @@ def _float_mode(mode: str) -> bool:
     return mode == "none"
 
 
-def _gate_under_target(config, klass, candidates, runnable, reference, evaluation, batch, gate, base_bytes, options,
+def _judge(config: OptimizeConfig, gate: gates.Gate, covered: tuple[str, ...]) -> Callable:
+    """``judge(numerics) -> failures``: the first-output gate, the task's gates and the per-output gate."""
+    from ..tasks import check as task_check
+
+    def judge(numerics: Numerics) -> list[str]:
+        return gates.check(gate, numerics) + task_check(numerics, config.task, config.task_gates or {}, covered)
+
+    return judge
+
+
+def _describe_gate(config: OptimizeConfig, gate: gates.Gate) -> str:
+    from ..tasks import OUTPUT_GATES
+    from ..tasks.gates import thresholds
+
+    parts = [] if gate.describe() == "none" else [gate.describe()]
+    given = config.task_gates or {}
+    if config.task is not None:
+        limits = thresholds(config.task.gate_rules, given, True)
+        rules = [r for r in config.task.gate_rules if r.key in limits]
+        parts.append(f"{config.task.kind} task: " + (", ".join(
+            f"{r.label} {'≥' if r.bound == 'min' else '≤'} {r.show(limits[r.key])}" for r in rules) or "metrics reported"))
+    limits = thresholds(OUTPUT_GATES, given, True)
+    parts.append("every other output: " + ", ".join(
+        f"{r.label} {'≥' if r.bound == 'min' else '≤'} {r.show(limits[r.key])}" for r in OUTPUT_GATES if r.key in limits))
+    return "; ".join(parts)
+
+
+def _gate_under_target(config, klass, candidates, runnable, reference, evaluation, batch, judge_numerics, base_bytes, options,
                        calibration, progress) -> None:
     """Gate every candidate under the target's class; re-quantize static int8 that only that class breaks."""
     from dataclasses import replace
@@ -435,7 +476,7 @@ def _gate_under_target(config, klass, candidates, runnable, reference, evaluatio
             cand.gate_failures = [f"not measured under {klass}: {result}"]
             return
         cand.target = {"class": klass, "how": how, "numerics": result}
-        cand.gate_failures = [f"under {klass} ({how}): {f}" for f in gates.check(gate, result)]
+        cand.gate_failures = [f"under {klass} ({how}): {f}" for f in judge_numerics(result)]
 
     for cand in list(candidates):
         if cand.mode in runnable and cand.numerics is not None:
@@ -459,7 +500,7 @@ def _gate_under_target(config, klass, candidates, runnable, reference, evaluatio
                 cand.status, cand.reason = "failed", f"could not quantize: {str(exc).splitlines()[0][:200]}"
                 continue
             cand.size_bytes = len(cand.model_bytes)
-            cand.numerics = compare(reference, runnable[cand.mode], evaluation, batch, config.eval_limit)
+            cand.numerics = compare(reference, runnable[cand.mode], evaluation, batch, config.eval_limit, task=config.task)
             judge(cand)
             if not cand.gate_failures:
                 break

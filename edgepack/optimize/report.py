@@ -68,6 +68,12 @@ def render(report: OptimizeReport) -> None:
             console.print(f"  {name:<28} accuracy {_pct(n.get('accuracy'))}  agree {_pct(n.get('agreement'))}  "
                           f"max abs err {n['max_abs_error']:.3g}  measured {t.get('how')}" if n else
                           f"  {name:<28} not measured under {target['class']}")
+    for c in data["candidates"]:
+        task = (c["numerics"] or {}).get("task")
+        name = "graph-optimized fp32" if c["mode"] == "none" else c["mode"]
+        if task:
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in task["metrics"].items())
+            console.print(f"  {name:<28} {task['kind']} on {task['samples']} samples: {shown}")
     ev = data["evaluation"]
     console.print(f"Measured on {ev['samples']} samples of {ev['kind']} data ({ev['source']}); gate: {data['gate']}; threads: {data['threads']}.")
     graph = data["graph"]
