@@ -171,6 +171,19 @@ def test_detection_decodes_a_dense_score_map_connected_and_grid():
     assert len(b) == 8
 
 
+def test_outputs_computed_from_a_gated_output_are_covered_by_its_gate_but_a_state_is_not():
+    from edgepack.tasks.coverage import covered_outputs, covered_outputs_of_bytes
+
+    nodes = [helper.make_node("Identity", ["x"], ["logits"]), helper.make_node("Softmax", ["logits"], ["scores"]),
+             helper.make_node("Neg", ["scores"], ["neg"]), helper.make_node("Relu", ["x"], ["state"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("logits", "state", "neg", "scores")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert covered_outputs(model, ["logits"]) == ("logits", "neg", "scores")
+    assert covered_outputs_of_bytes(model.SerializeToString(), ["state"]) == ("state",)
+    assert covered_outputs_of_bytes(b"not onnx at all", ["logits"]) == ("logits",)
+
+
 # --------------------------------------------------------------------------- declarations
 
 
@@ -402,14 +415,15 @@ def test_ocr_candidate_with_high_logit_cosine_but_changed_strings_is_refused(ocr
     """The issue's captcha OCR: dynamic int8 passed at cosine 0.993 with 8% of decoded strings changed.
 
     Candidate: the trained reader with a bias on the blank logit, the smallest of a ladder
-    that changes at least 3% of the decoded strings (the trained model's margins decide which).
+    that changes at least 3% of the decoded strings (the trained model's margins decide which:
+    +4 to +6 for the seeds tried, at logit cosine 0.997-0.995).
     """
     spec = task_from_dict({"kind": "ctc", "logits": "logits", "blank": 0, "alphabet": ALPHABET})
     ds = _dataset(tmp_path, ocr["model"], image=np.load(ocr["root"] / "val.npz")["image"])
     [ref] = _sessions(ocr["model"])
-    for bias in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0):
+    for bias in np.arange(1.0, 10.5, 1.0):
         numerics = compare(ref, _sessions(_with_blank_bias(ocr["model"], bias))[0], ds, 50, task=spec)
-        if numerics.task["metrics"]["string_agreement"] <= 0.97:
+        if numerics.task["metrics"]["string_agreement"] <= 0.97 or numerics.cosine < 0.99:
             break
     metrics = numerics.task["metrics"]
     assert metrics["string_agreement"] <= 0.97, metrics

@@ -322,20 +322,21 @@ DEFAULT_MIN_AGREEMENT = 0.98
 DEFAULT_MIN_COSINE = 0.99
 
 
-def _gate_failures(project, result: VariantResult, numerics=None) -> list[str]:
+def _gate_failures(project, result: VariantResult, numerics=None, graph_bytes: bytes | None = None) -> list[str]:
     from ..optimize.gate import Gate, check
 
     g = project.gates
     n = numerics if numerics is not None else result.numerics
     min_agreement, min_cosine = g.min_agreement, None
-    if project.task is not None:
+    task = getattr(project, "task", None)
+    if task is not None:
         min_agreement = None  # the task's gates (edgepack.tasks) replace the raw first-output gate
     elif PRECISIONS[result.variant] != "fp32":
         if min_agreement is None and n.agreement is not None:
             min_agreement = DEFAULT_MIN_AGREEMENT
         if n.agreement is None:
             min_cosine = DEFAULT_MIN_COSINE
-    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop if project.task is None else None,
+    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop if task is None else None,
                           min_agreement=min_agreement, min_cosine=min_cosine), n)
     if PRECISIONS[result.variant] != "fp32":
         from ..stream import state_gate_failures
@@ -343,7 +344,7 @@ def _gate_failures(project, result: VariantResult, numerics=None) -> list[str]:
         failures.extend(state_gate_failures(n))  # stream models: every output, the state included
     from ..tasks.gates import for_project
 
-    failures += for_project(project, n, defaults=PRECISIONS[result.variant] != "fp32")
+    failures += for_project(project, n, defaults=PRECISIONS[result.variant] != "fp32", model_bytes=graph_bytes)
     if g.min_accuracy is not None:
         if n.accuracy is None:
             failures.append("min_accuracy cannot be measured: the validation data has no labels or the output is not class scores")
@@ -619,7 +620,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     for variant, result in results.items():
         result.latency = timings.get(variant)
         result.session = sessions[variant]
-        result.failures = _gate_failures(project, result)
+        result.failures = _gate_failures(project, result, graph_bytes=fp32_bytes)
 
     # A fixed-batch model runs its golden vectors in its own batch size (verify and the device too).
     fixed_batch = _fixed_batch(reference)
@@ -650,7 +651,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
 
     verdicts = certify(project, results, host_class=host_cls, classes_of=classes_of, sessions=sessions, reference=reference,
                        validation=validation, calibration=calibration, batch=batch, golden_feed=golden_feed,
-                       gate=lambda r, n: _gate_failures(project, r, n), config=measure_config, run=run_fn,
+                       gate=lambda r, n: _gate_failures(project, r, n, fp32_bytes), config=measure_config, run=run_fn,
                        requantize=requantize, progress=progress, compare=compare_fn,
                        # A reused measurement must also have decoded the same task alike.
                        data_digest=functools.cache(lambda: dataset_digest(validation, batch)

@@ -72,6 +72,12 @@ gates:                         # a failed gate writes no bundle (exit 1)
   # min_agreement: 0.99
   # max_size_mb: 10
   # max_latency_ms: 50         # measured on the build host
+  # min_output_cosine: 0.99    # every output the task (or first-output gate) does not cover
+
+# task:                        # gate in task terms, after decoding (see README "Tasks")
+#   kind: detection            # classification | detection | segmentation | ctc | embedding | regression | streaming
+#   score_map: heat            # or boxes: + scores: for models that emit boxes
+#   threshold: 0.5
 
 signing:
   key: keys/signing.key        # create with `edgepack keys generate --name signing`;

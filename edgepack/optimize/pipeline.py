@@ -220,8 +220,11 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
     output_names = [o.name for o in graph_outputs(original)]
     if config.task is not None:
         config.task.check_outputs(output_names)
-    # Outputs gated by the first-output gate (no task) or by the task; every other output gets its own gate.
-    covered = tuple(config.task.outputs) if config.task is not None else tuple(output_names[:1])
+    # Outputs gated by the first-output gate (no task) or by the task, and those computed from them;
+    # every other output gets its own gate.
+    from ..tasks.coverage import covered_outputs
+
+    covered = covered_outputs(original, config.task.outputs if config.task is not None else output_names[:1])
     calibration = open_dataset(config.calibration, inputs, "calibration") if config.calibration else None
     evaluation, eval_kind = _evaluation_data(config, inputs, calibration)
     no_data = config.validation is None and calibration is None

@@ -93,22 +93,19 @@ def check(numerics, task: TaskSpec | None, given: Mapping[str, float | None], co
     return failures
 
 
-#: Outputs the embedded post-processing derives from the first output (gated with it).
-_POST_OUTPUTS = ("scores", "top_k_indices", "top_k_scores")
-
-
-def for_project(project, numerics, defaults: bool) -> list[str]:
+def for_project(project, numerics, defaults: bool, model_bytes: bytes | None = None) -> list[str]:
     """Task and per-output failures of one build variant (``defaults``: apply the default thresholds).
 
-    Without a task the first output (and what post-processing derives from it) keeps the
-    build's first-output gate; every other output is gated here.
+    Without a task the first output keeps the build's first-output gate; with one, the
+    task's outputs are gated by it. Outputs computed from those (read from ``model_bytes``'
+    graph, e.g. post-processing's scores and top-k) are covered with them; every other
+    output is gated here.
     """
+    from .coverage import covered_outputs_of_bytes
+
     g = project.gates
-    given = {**g.task, "min_agreement": g.min_agreement, "max_accuracy_drop": g.max_accuracy_drop}
+    task = getattr(project, "task", None)
+    given = {**getattr(g, "task", {}), "min_agreement": g.min_agreement, "max_accuracy_drop": g.max_accuracy_drop}
     outputs = getattr(numerics, "outputs", None) or ()
-    if project.task is not None:
-        covered = set(project.task.outputs)
-    else:
-        names = [o["name"] for o in outputs]
-        covered = set(names[:1]) | ({n for n in names if n in _POST_OUTPUTS} if project.postprocess else set())
-    return check(numerics, project.task, given, covered, defaults)
+    primary = task.outputs if task is not None else tuple(o["name"] for o in outputs)[:1]
+    return check(numerics, task, given, covered_outputs_of_bytes(model_bytes, primary), defaults)
