@@ -297,6 +297,43 @@ def test_dense_detector_with_high_cosine_but_lost_boxes_is_refused(tmp_path):
     assert same.task["metrics"]["box_recall"] == 1.0 and check(same, spec, {}, spec.outputs) == []
 
 
+def box_emitter(score_scale: float = 1.0) -> onnx.ModelProto:
+    """A model whose graph already emits detections: ``dets`` [N, K, 5] -> ``boxes`` [N, K, 4] (xywh), ``scores`` [N, K]."""
+    def const(name, values):
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    nodes = [helper.make_node("Slice", ["dets", "b0", "b1", "axis"], ["boxes"], name="boxes"),
+             helper.make_node("Slice", ["dets", "s0", "s1", "axis"], ["s"], name="score_column"),
+             helper.make_node("Squeeze", ["s", "axis"], ["raw_scores"], name="squeeze"),
+             helper.make_node("Mul", ["raw_scores", "scale"], ["scores"], name="scale")]
+    graph = helper.make_graph(nodes, "emitter", [helper.make_tensor_value_info("dets", TensorProto.FLOAT, ["N", 16, 5])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 16, 4]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 16])],
+                              [const("b0", [0]), const("b1", [4]), const("s0", [4]), const("s1", [5]), const("axis", [2]),
+                               numpy_helper.from_array(np.array(score_scale, np.float32), "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_emitted_boxes_with_identical_boxes_but_lower_scores_lose_recall(tmp_path):
+    """Boxes the graph emits, kept above a score threshold: the boxes output is bit-identical,
+    the scores fall by 10%, so every box scored in [0.5, 0.56) disappears after thresholding."""
+    rng = np.random.default_rng(3)
+    dets = np.zeros((100, 16, 5), np.float32)
+    dets[..., :2] = rng.uniform(0, 200, (100, 16, 2))
+    dets[..., 2:4] = rng.uniform(10, 40, (100, 16, 2))
+    dets[..., 4] = rng.uniform(0, 1, (100, 16))
+    spec = task_from_dict({"kind": "detection", "boxes": "boxes", "box_format": "xywh", "scores": "scores",
+                           "threshold": 0.5, "nms_iou": 0.6})
+    ds = _dataset(tmp_path, box_emitter(), dets=dets)
+    ref, cand = _sessions(box_emitter(), box_emitter(0.9))
+    numerics = compare(ref, cand, ds, 25, task=spec)
+    outputs = {o["name"]: o for o in numerics.outputs}
+    assert numerics.cosine == pytest.approx(1.0) and outputs["boxes"]["max_abs_error"] == 0.0
+    metrics = numerics.task["metrics"]
+    assert metrics["box_precision"] == 1.0 and 0.8 < metrics["box_recall"] < 0.95
+    assert [f for f in check(numerics, spec, {}, spec.outputs) if "gates.min_box_recall" in f]
+
+
 def test_state_output_that_moves_is_refused_by_name_while_the_first_output_passes(tmp_path, cli):
     """The issue's streaming model: a state output moved by 14 unnoticed because only the first output was gated."""
     model = detector(state=True)
