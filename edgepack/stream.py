@@ -403,9 +403,11 @@ def _output_names(sess) -> list[str]:
 def decision_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> list[float]:
     """Per stream: the share of chunks whose decision matches (pure; each array holds one stream's decisions).
 
-    A small stand-in for the ``streaming`` metric of edgepack.tasks (integrator: use that when merged).
+    The ``streaming`` task metric (:func:`edgepack.tasks.metrics.stream_decision_agreement`).
     """
-    return [float(np.mean(np.asarray(r) == np.asarray(c))) if np.size(r) else 1.0 for r, c in zip(reference, candidate)]
+    from .tasks.metrics import stream_decision_agreement
+
+    return stream_decision_agreement(reference, candidate)["per_stream"]
 
 
 @dataclass(frozen=True)

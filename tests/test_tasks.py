@@ -116,6 +116,7 @@ def test_stream_decision_agreement_counts_decisions_and_streams():
     assert result["decision_agreement"] == pytest.approx(4 / 5)
     assert result["streams_identical"] == pytest.approx(1 / 2)
     assert result["min_stream_agreement"] == pytest.approx(2 / 3)
+    assert result["per_stream"] == pytest.approx([2 / 3, 1.0])
     with pytest.raises(ValueError, match="stream 0"):
         m.stream_decision_agreement([[0, 1]], [[0]])
     assert Streaming.decisions({"threshold": 0.5}, np.array([[0.2], [0.7]])).tolist() == [0, 1]

@@ -233,7 +233,8 @@ def stream_decision_agreement(reference: Sequence[Sequence], candidate: Sequence
     Returns:
         ``decision_agreement`` (share of all decisions equal), ``streams_identical``
         (share of streams whose whole sequence is equal), ``min_stream_agreement``
-        (the worst stream), ``streams`` and ``decisions`` (counts).
+        (the worst stream), ``per_stream`` (each stream's agreement), ``streams`` and
+        ``decisions`` (counts).
 
     Raises:
         ValueError: The two sides have different numbers of streams or a stream differs in length.
@@ -242,6 +243,7 @@ def stream_decision_agreement(reference: Sequence[Sequence], candidate: Sequence
         raise ValueError(f"{len(reference)} reference streams but {len(candidate)} candidate streams")
     equal = total = identical = 0
     worst = 1.0
+    per_stream = []
     for index, (r, c) in enumerate(zip(reference, candidate)):
         r, c = np.asarray(r).reshape(-1), np.asarray(c).reshape(-1)
         if len(r) != len(c):
@@ -250,8 +252,8 @@ def stream_decision_agreement(reference: Sequence[Sequence], candidate: Sequence
         equal += same
         total += len(r)
         identical += int(same == len(r))
-        if len(r):
-            worst = min(worst, same / len(r))
+        per_stream.append(same / len(r) if len(r) else 1.0)
+        worst = min(worst, per_stream[-1])
     return {"decision_agreement": equal / total if total else 1.0,
             "streams_identical": identical / len(reference) if len(reference) else 1.0,
-            "min_stream_agreement": worst, "streams": len(reference), "decisions": total}
+            "min_stream_agreement": worst, "per_stream": per_stream, "streams": len(reference), "decisions": total}
