@@ -94,7 +94,7 @@ class Project:
         return tuple(v for v in VARIANTS if v in wanted)
 
 
-from .tasks.spec import TASK_GATE_KEYS as _TASK_GATE_KEYS  # noqa: E402 - after the dataclasses it does not need
+from .tasks.spec import TASK_GATE_KEYS as _TASK_GATE_KEYS
 
 # Allowed keys per section: the source of "unknown key" errors and suggestions.
 _KEYS: dict[str, tuple[str, ...]] = {

@@ -27,7 +27,13 @@ from edgepack.modelio import graph_inputs
 from edgepack.optimize.evaluate import compare, session
 from edgepack.optimize.gate import Gate
 from edgepack.optimize.gate import check as first_output_check
-from edgepack.tasks import KINDS, check, task_from_dict, validate_task, validate_task_gates
+from edgepack.tasks import (
+    KINDS,
+    check,
+    task_from_dict,
+    validate_task,
+    validate_task_gates,
+)
 from edgepack.tasks import metrics as m
 from edgepack.tasks.kinds import Streaming
 
@@ -213,9 +219,9 @@ def test_alphabet_file_is_read_relative_to_the_declaring_file(tmp_path):
 
 
 def test_project_file_validates_task_and_task_gates(tmp_path):
-    from edgepack.project import validate_project
-
     from test_build import make_project
+
+    from edgepack.project import validate_project
 
     project = make_project(tmp_path / "p", keys=False, task={"kind": "segmentaton"}, gates={"min_box_recal": 0.9})
     problems = validate_project(yaml.safe_load(project.read_text()))
@@ -492,7 +498,7 @@ def test_optimize_with_task_reports_decoded_string_agreement(ocr, tmp_path, cli)
 
 def test_optimize_task_naming_a_missing_output_is_refused(ocr, tmp_path, cli):
     (tmp_path / "task.yaml").write_text("task: {kind: ctc, logits: probs}\n")
-    code, out, err = cli("optimize", ocr["root"] / "ocr.onnx", "-o", tmp_path / "q.onnx", "-q", "fp16",
+    code, _out, err = cli("optimize", ocr["root"] / "ocr.onnx", "-o", tmp_path / "q.onnx", "-q", "fp16",
                          "--validation", ocr["root"] / "val.npz", "--task", tmp_path / "task.yaml")
     assert code == 2
     assert "task.logits: the model has no output 'probs' (its outputs: logits)" in err
@@ -532,7 +538,7 @@ def test_build_with_a_detection_task_records_task_metrics_in_the_manifest(tmp_pa
     from test_build import manifest_of, run
 
     project = _detector_project(tmp_path / "p", detector(), ["fp32", "fp16"], gates={"min_map50": 0.9})
-    code, out, err = run("build", project)
+    code, _out, err = run("build", project)
     assert code == 0, err
     manifest = manifest_of(tmp_path / "p" / "dist" / "boxes-1.0.0.epk")
     gates = manifest["gates"]
@@ -550,7 +556,7 @@ def test_build_refuses_a_variant_whose_state_output_moves_naming_it(tmp_path):
     from test_build import run
 
     project = _detector_project(tmp_path / "p", detector(state=True), ["fp16"])
-    code, out, err = run("build", project)
+    code, _out, err = run("build", project)
     assert code == 1
     assert "output 'state'" in err and ("gates.min_output_cosine" in err or "gates.max_output_rel_error" in err)
     assert "'heat'" not in err
@@ -561,5 +567,5 @@ def test_build_task_naming_a_missing_output_is_a_config_error(tmp_path):
     from test_build import run
 
     project = _detector_project(tmp_path / "p", detector(), ["fp32"], task={"kind": "detection", "score_map": "scores"})
-    code, out, err = run("build", project)
+    code, _out, err = run("build", project)
     assert code == 2 and "task.score_map: the model has no output 'scores' (its outputs: heat)" in err

@@ -11,7 +11,15 @@ and every output the task does not cover is gated on its own.
 from .gates import check, output_failures, task_failures
 from .kinds import KINDS, GateRule
 from .measure import OutputStats, TaskRun
-from .spec import OUTPUT_GATES, TASK_GATE_KEYS, TaskSpec, load_task_file, task_from_dict, validate_task, validate_task_gates
+from .spec import (
+           OUTPUT_GATES,
+           TASK_GATE_KEYS,
+           TaskSpec,
+           load_task_file,
+           task_from_dict,
+           validate_task,
+           validate_task_gates,
+)
 
 __all__ = ["KINDS", "OUTPUT_GATES", "TASK_GATE_KEYS", "GateRule", "OutputStats", "TaskRun", "TaskSpec", "check",
            "load_task_file", "output_failures", "task_failures", "task_from_dict", "validate_task", "validate_task_gates"]

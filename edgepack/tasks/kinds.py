@@ -9,6 +9,7 @@ pure. ``validate`` checks a declaration without touching a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -93,7 +94,7 @@ class Kind:
 
     name = ""
     #: Allowed declaration keys (besides ``kind``) with their defaults; None: no default.
-    keys: dict[str, Any] = {}
+    keys: MappingProxyType = MappingProxyType({})
     gates: tuple[GateRule, ...] = ()
 
     def validate(self, params: dict) -> list[str]:
@@ -114,7 +115,7 @@ class Kind:
 
 class Classification(Kind):
     name = "classification"
-    keys = {"output": None}
+    keys = MappingProxyType({"output": None})
     output_keys = ("output",)
     gates = (
         GateRule("min_agreement", "agreement", "min", 0.98, "top-1 agreement"),
@@ -153,9 +154,9 @@ class Detection(Kind):
     """
 
     name = "detection"
-    keys = {"boxes": None, "box_format": "xyxy", "scores": None, "classes": None, "score_map": None, "box_offsets": None,
+    keys = MappingProxyType({"boxes": None, "box_format": "xyxy", "scores": None, "classes": None, "score_map": None, "box_offsets": None,
             "decode": "connected", "threshold": 0.5, "stride": 1, "min_area": 1, "nms_iou": None, "match_iou": 0.5,
-            "max_detections": 300}
+            "max_detections": 300})
     output_keys = ("boxes", "scores", "classes", "score_map", "box_offsets")
     gates = (
         GateRule("min_box_recall", "box_recall", "min", 0.95, "box recall"),
@@ -306,7 +307,7 @@ class Segmentation(Kind):
     (for argmax, the mean IoU over the classes present in either mask)."""
 
     name = "segmentation"
-    keys = {"output": None, "decode": "threshold", "threshold": 0.5, "channel_axis": 1}
+    keys = MappingProxyType({"output": None, "decode": "threshold", "threshold": 0.5, "channel_axis": 1})
     output_keys = ("output",)
     gates = (GateRule("min_mask_iou", "mask_iou", "min", 0.95, "mean mask IoU"),)
 
@@ -345,7 +346,7 @@ class CTC(Kind):
     symbol per line) lists the symbols of the non-blank classes in class order."""
 
     name = "ctc"
-    keys = {"logits": None, "layout": "NTC", "blank": 0, "alphabet": None, "alphabet_file": None}
+    keys = MappingProxyType({"logits": None, "layout": "NTC", "blank": 0, "alphabet": None, "alphabet_file": None})
     output_keys = ("logits",)
     gates = (
         GateRule("min_string_agreement", "string_agreement", "min", 0.98, "decoded-string agreement"),
@@ -396,7 +397,7 @@ class CTC(Kind):
 
 class Embedding(Kind):
     name = "embedding"
-    keys = {"output": None}
+    keys = MappingProxyType({"output": None})
     output_keys = ("output",)
     gates = (GateRule("min_embedding_cosine", "min_cosine", "min", 0.95, "worst per-sample embedding cosine", False),)
 
@@ -420,7 +421,7 @@ class Regression(Kind):
     over the largest |fp32| value of the output (stable where single values are near 0)."""
 
     name = "regression"
-    keys = {"output": None}
+    keys = MappingProxyType({"output": None})
     output_keys = ("output",)
     gates = (
         GateRule("max_abs_error", "max_abs_error", "max", None, "max abs error", False),
@@ -453,7 +454,7 @@ class Streaming(Kind):
     form one stream in order; stateful evaluation calls :func:`metrics.stream_decision_agreement`."""
 
     name = "streaming"
-    keys = {"output": None, "threshold": 0.5}
+    keys = MappingProxyType({"output": None, "threshold": 0.5})
     output_keys = ("output",)
     gates = (GateRule("min_decision_agreement", "decision_agreement", "min", 0.98, "per-stream decision agreement"),)
 
