@@ -341,6 +341,52 @@ def test_emitted_boxes_with_identical_boxes_but_lower_scores_lose_recall(tmp_pat
     assert [f for f in check(numerics, spec, {}, spec.outputs) if "gates.min_box_recall" in f]
 
 
+def test_segmentation_task_on_the_score_map_measures_mask_iou(tmp_path):
+    """The same dense head read as a binary mask: the shifted threshold shrinks masks; IoU says by how much."""
+    spec = task_from_dict({"kind": "segmentation", "output": "heat", "threshold": 0.5})
+    ds = _dataset(tmp_path, detector(), image=scenes(0, 100))
+    ref, cand = _sessions(detector(0.3), detector(0.34))
+    numerics = compare(ref, cand, ds, 50, task=spec)
+    metrics = numerics.task["metrics"]
+    assert numerics.cosine >= 0.99 and metrics["mask_iou"] < 0.95 and metrics["min_mask_iou"] <= metrics["mask_iou"]
+    assert [f for f in check(numerics, spec, {}, spec.outputs) if "gates.min_mask_iou" in f]
+    assert check(numerics, spec, {"min_mask_iou": metrics["mask_iou"] - 0.01}, spec.outputs) == []
+
+
+def label_and_probabilities(scale: float = 1.0) -> onnx.ModelProto:
+    """A scikit-learn-shaped classifier: int64 ``label`` first, ``probabilities`` second."""
+    w = (np.random.default_rng(0).standard_normal((4, 3)) * scale).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm"),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"),
+             helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0, name="argmax")]
+    graph = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                               helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_classification_task_gates_the_probabilities_output_not_the_label(tmp_path):
+    """The issue's scikit-learn case: the first output is the int64 label, so accuracy 'cannot be measured'."""
+    x = np.random.default_rng(1).standard_normal((200, 4)).astype(np.float32)
+    ref_sess = _sessions(label_and_probabilities())[0]
+    truth = ref_sess.run(None, {"x": x})[0]  # the fp32 model's own answers serve as the labels
+    ds = _dataset(tmp_path, label_and_probabilities(), x=x, labels=truth)
+    spec = task_from_dict({"kind": "classification", "output": "probabilities"})
+    # another model: weights with noise, which changes some answers
+    noisy = label_and_probabilities()
+    w = numpy_helper.to_array(noisy.graph.initializer[0]) + np.random.default_rng(2).normal(0, 0.5, (4, 3)).astype(np.float32)
+    noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    numerics = compare(ref_sess, _sessions(noisy)[0], ds, 50, task=spec)
+    assert numerics.agreement is None  # the first-output gate cannot read an int64 label
+    metrics = numerics.task["metrics"]
+    assert metrics["reference_accuracy"] == 1.0 and metrics["accuracy"] == metrics["agreement"] < 0.98
+    failures = check(numerics, spec, {}, spec.outputs)
+    assert any("top-1 agreement" in f for f in failures) and any("accuracy drop" in f for f in failures)
+    # the label output is not read by the task, so the per-output gate checks it, by name
+    assert any(f.startswith("output 'label': share of equal values") for f in failures)
+
+
 def test_state_output_that_moves_is_refused_by_name_while_the_first_output_passes(tmp_path, cli):
     """The issue's streaming model: a state output moved by 14 unnoticed because only the first output was gated."""
     model = detector(state=True)
