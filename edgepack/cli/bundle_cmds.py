@@ -126,6 +126,29 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value * 100:.2f}%"
 
 
+# The task metrics a line of the build summary shows, per task kind (the report has them all).
+_TASK_HEADLINE = {
+    "classification": ("agreement", "accuracy"),
+    "detection": ("box_recall", "box_precision", "map50"),
+    "segmentation": ("mask_iou", "min_mask_iou"),
+    "ctc": ("string_agreement", "cer"),
+    "embedding": ("min_cosine", "mean_cosine"),
+    "regression": ("max_abs_error", "max_rel_error"),
+    "streaming": ("decision_agreement",),
+}
+
+
+def _task_text(task: dict | None) -> str:
+    """``"  task detection: box_recall 0.9947 ..."`` for a measured task, else empty."""
+    if not task or not task.get("metrics"):
+        return ""
+    metrics = task["metrics"]
+    keys = [k for k in _TASK_HEADLINE.get(task.get("kind"), ()) if k in metrics] or \
+        [k for k, v in metrics.items() if isinstance(v, float)]
+    shown = " ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys)
+    return f"  {task.get('kind')}: {shown}"
+
+
 def _target_table(report: dict) -> None:
     """Target x variant: what each device gets, measured under its own arithmetic class."""
     targets = report.get("targets") or {}
@@ -144,7 +167,8 @@ def _target_table(report: dict) -> None:
             err = rec.get("max_abs_error")
             typer.echo(f"    {status:<7} {device:<12} {t['class']:<16} {variant:<12} -> {shipped or '-':<22} "
                        f"acc {_pct(rec.get('accuracy'))}  agree {_pct(rec.get('agreement'))}  "
-                       f"max err {'-' if err is None else f'{err:.3g}'}  measured {rec.get('how') or 'not measured'}")
+                       f"max err {'-' if err is None else f'{err:.3g}'}  measured {rec.get('how') or 'not measured'}"
+                       f"{_task_text(rec.get('task'))}")
             if verdict["status"] != "certified":
                 for line in textwrap.wrap(verdict["reason"], 110):
                     typer.echo(f"            {line}")
@@ -166,6 +190,7 @@ def _summarize(report: dict) -> None:
             f"agree {'-' if agree is None else f'{agree * 100:.2f}%'}  "
             f"max err {n.get('max_abs_error', 0) or 0:.3g}  "
             f"latency {'-' if lat is None else f'{lat:.3f} ms'}  devices {', '.join(v['devices']) or '-'}"
+            f"{_task_text(n.get('task'))}"
         )
         if v.get("slower_than_fp32_on_host"):
             typer.echo(f"       SLOWER than fp32 on this {report.get('host_class')} host: check it on the device before relying on it")
@@ -313,7 +338,7 @@ def inspect(
                 err = rec.get("max_abs_error")
                 typer.echo(f"    {device:<12} {str(klass):<16} {vid:<22} acc {_pct(rec.get('accuracy'))}  "
                            f"agree {_pct(rec.get('agreement'))}  max err {'-' if err is None else f'{err:.3g}'}  "
-                           f"measured {rec.get('how') or 'host'}")
+                           f"measured {rec.get('how') or 'host'}{_task_text(rec.get('task'))}")
         for reason in (manifest.get("gates") or {}).get("refused") or []:
             for line in textwrap.wrap(f"refused: {reason}", 110):
                 typer.echo(f"      {line}")
