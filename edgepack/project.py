@@ -22,6 +22,8 @@ VARIANTS = ("fp32", "int8", "fp16", "tflite-fp32", "tflite-fp16", "tflite-int8")
 MODEL_KINDS = ("onnx", "pytorch", "sklearn", "tflite", "keras")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INPUT_KINDS = ("image", "tabular", "audio", "frames")
+#: Mirrors edgepack.optimize.significance.UNDECIDED_POLICIES (kept here so validating a project imports no numerics).
+UNDECIDED_POLICIES = ("refuse", "accept")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Gates:
     max_latency_ms: float | None = None
     #: Task and per-output thresholds (``min_box_recall``, ``min_output_cosine``...; see edgepack.tasks).
     task: dict[str, float] = field(default_factory=dict)
+    #: ``refuse`` (default) or ``accept`` an accuracy/agreement gate the validation set is too
+    #: small to decide (see :mod:`edgepack.optimize.significance`).
+    undecided: str = "refuse"
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "data.validation": ("path", "key", "labels"),
     "targets[]": ("device", "variants"),
     "quantization": ("per_channel", "calibration_method", "keep_float"),
-    "gates": ("max_accuracy_drop", "min_accuracy", "min_agreement", "max_size_mb", "max_latency_ms", *_TASK_GATE_KEYS),
+    "gates": ("max_accuracy_drop", "min_accuracy", "min_agreement", "max_size_mb", "max_latency_ms", *_TASK_GATE_KEYS, "undecided"),
     "signing": ("key",),
 }
 
@@ -277,6 +282,9 @@ def validate_project(data: Any) -> list[str]:
             _fraction(gates, key, "gates", problems)
         for key in ("max_size_mb", "max_latency_ms"):
             _positive(gates, key, "gates", problems)
+        if gates.get("undecided", "refuse") not in UNDECIDED_POLICIES:
+            problems.append(f"gates.undecided: must be one of {', '.join(UNDECIDED_POLICIES)} (what a gate the validation "
+                            f"data is too small to decide does), got {gates.get('undecided')!r}")
     if gates or "task" in data:
         from .tasks import validate_task, validate_task_gates
 
@@ -394,6 +402,7 @@ def load_project(path: str | Path) -> Project:
             max_size_bytes=int(gates["max_size_mb"] * 1_000_000) if gates.get("max_size_mb") else None,
             max_latency_ms=gates.get("max_latency_ms"),
             task={k: gates[k] for k in _TASK_GATE_KEYS if gates.get(k) is not None},
+            undecided=gates.get("undecided", "refuse"),
         ),
         signing_key=base / data["signing"]["key"],
         output_dir=base / data.get("output_dir", "dist"),

@@ -25,7 +25,9 @@ import numpy as np
 
 __all__ = ["MeasurementCache", "default_cache_dir"]
 
-FORMAT = 2  # 2: Numerics carries per-output and task results
+# 2: Numerics carries per-output and task results.
+# 3: and the paired counts (class_samples, agreed, fp32_only, candidate_only) the gates decide on.
+FORMAT = 3
 
 
 def default_cache_dir() -> Path:

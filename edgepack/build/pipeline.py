@@ -322,11 +322,11 @@ DEFAULT_MIN_AGREEMENT = 0.98
 DEFAULT_MIN_COSINE = 0.99
 
 
-def _gate_failures(project, result: VariantResult, numerics=None, graph_bytes: bytes | None = None) -> list[str]:
-    from ..optimize.gate import Gate, check
+def _numeric_gate(project, result: VariantResult, n):
+    """The optimize-style gate (accuracy drop, agreement, cosine) a variant's numerics are checked against."""
+    from ..optimize.gate import Gate
 
     g = project.gates
-    n = numerics if numerics is not None else result.numerics
     min_agreement, min_cosine = g.min_agreement, None
     task = getattr(project, "task", None)
     if task is not None:
@@ -336,8 +336,27 @@ def _gate_failures(project, result: VariantResult, numerics=None, graph_bytes: b
             min_agreement = DEFAULT_MIN_AGREEMENT
         if n.agreement is None:
             min_cosine = DEFAULT_MIN_COSINE
-    failures = check(Gate(max_accuracy_drop=g.max_accuracy_drop if task is None else None,
-                          min_agreement=min_agreement, min_cosine=min_cosine), n)
+    return Gate(max_accuracy_drop=g.max_accuracy_drop if task is None else None, min_agreement=min_agreement,
+                min_cosine=min_cosine, undecided=getattr(g, "undecided", "refuse"))
+
+
+def _gate_verdicts(project, result: VariantResult, numerics=None) -> tuple[list, list[str]]:
+    """(statistical verdicts with intervals and counts, notes on accepted undecided gates) of one variant."""
+    from ..optimize.gate import assess, notes
+
+    n = numerics if numerics is not None else result.numerics
+    if n is None:
+        return [], []
+    gate = _numeric_gate(project, result, n)
+    return assess(gate, n), notes(gate, n)
+
+
+def _gate_failures(project, result: VariantResult, numerics=None, graph_bytes: bytes | None = None) -> list[str]:
+    from ..optimize.gate import check
+
+    g = project.gates
+    n = numerics if numerics is not None else result.numerics
+    failures = check(_numeric_gate(project, result, n), n)
     if PRECISIONS[result.variant] != "fp32":
         from ..stream import state_gate_failures
 
@@ -661,6 +680,9 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     ship = {key: r for key, r in results.items() if r.id in shipped_ids}
     for r in results.values():
         r.devices = [t.device for t in project.targets if any(v.device == t.device and v.shipped == r.id for v in verdicts)]
+    for r in results.values():
+        if r.id in shipped_ids:
+            warnings.extend(f"{r.id}: {note}" for note in _gate_verdicts(project, r)[1])
     warnings.extend(v.reason for v in verdicts if v.status == "refused")
     warnings.extend(v.reason for v in verdicts if v.status == "replaced")
 
@@ -698,6 +720,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                 "numerics": _numerics_dict(r.numerics),
                 "latency_ms": None if r.latency is None else {"median": r.latency.median_ms, "p95": r.latency.p95_ms, "runs": r.latency.runs},
                 "gate_failures": r.failures,
+                "gate_verdicts": [v.to_dict() for v in _gate_verdicts(project, r)[0]],
                 "devices": r.devices,
                 "shipped": r.id in shipped_ids,
                 "quantization": r.quantization,
@@ -833,6 +856,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
                 "max_accuracy_drop": g.max_accuracy_drop, "min_accuracy": g.min_accuracy,
                 "min_agreement": g.min_agreement, "max_size_bytes": g.max_size_bytes, "max_latency_ms": g.max_latency_ms,
                 **g.task,
+                # Said in the signed manifest: a device operator can see undecided gates were let through.
+                "undecided": g.undecided,
             },
             **({"task": project.task.to_dict()} if project.task is not None else {}),
             "reference": "the fp32 model with embedded preprocessing, end to end from raw validation inputs",

@@ -174,6 +174,20 @@ def _target_table(report: dict) -> None:
                     typer.echo(f"            {line}")
 
 
+def _verdict_text(v: dict) -> str:
+    low, high = v["interval"]
+    conf = f"{v['confidence'] * 100:.0f}%"
+    if v["gate"] == "accuracy_drop":
+        text = (f"accuracy drop {v['estimate'] * 100:.2f} pt, {conf} interval [{low * 100:.1f}, {high * 100:.1f}] pt "
+                f"(b={v['counts']['b']}, c={v['counts']['c']}, McNemar p={v['p_value']:.3g}) vs <= {v['threshold'] * 100:.2f} pt")
+    else:
+        text = (f"agreement {v['estimate'] * 100:.2f}%, {conf} interval [{low * 100:.1f}, {high * 100:.1f}]% "
+                f"({v['counts']['flipped']} of {v['samples']} flipped) vs >= {v['threshold'] * 100:.2f}%")
+    if v["verdict"] == "undecided":
+        return text + (f": undecided, need ~{v['samples_needed']:,} samples" if v["samples_needed"] else ": undecided")
+    return f"{text}: {v['verdict']}"
+
+
 def _summarize(report: dict) -> None:
     typer.echo(f"{report['name']} {report['version']}  (validation: {report['validation']['samples']} samples)")
     _target_table(report)
@@ -194,6 +208,8 @@ def _summarize(report: dict) -> None:
         )
         if v.get("slower_than_fp32_on_host"):
             typer.echo(f"       SLOWER than fp32 on this {report.get('host_class')} host: check it on the device before relying on it")
+        for verdict in v.get("gate_verdicts") or []:
+            typer.echo(f"       {_verdict_text(verdict)}")
         for failure in v["gate_failures"]:
             typer.echo(f"       {failure}")
     if report.get("baseline"):

@@ -19,6 +19,11 @@ class QuantizeMode(str, Enum):
     auto = "auto"
 
 
+class Undecided(str, Enum):
+    refuse = "refuse"
+    accept = "accept"
+
+
 class CalibrationMethod(str, Enum):
     minmax = "minmax"
     entropy = "entropy"
@@ -46,6 +51,7 @@ def optimize(
     calibration_method: CalibrationMethod = typer.Option(CalibrationMethod.minmax, "--calibration-method", help="How activation ranges are calibrated."),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Largest allowed top-1 accuracy drop as a fraction (0.01 = one point). Needs labelled validation data."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Smallest allowed top-1 agreement with the original, as a fraction (e.g. 0.99)."),
+    undecided: Undecided = typer.Option(Undecided.refuse, "--undecided", help="What an accuracy/agreement gate does when the validation set is too small to decide it at 95% confidence: refuse (naming the samples needed) or accept with a warning."),
     threads: int = typer.Option(1, "--threads", min=1, help="Inference threads for every measurement."),
     target: Optional[str] = typer.Option(None, "--target", help="Device profile id (e.g. rpi4): gate every candidate under that device's integer arithmetic (natively, under qemu, or by the VNNI reference), not only on this host."),
     task: Optional[Path] = typer.Option(None, "--task", help="YAML file with a 'task:' declaration (and optional task 'gates:'); an edgepack.yaml works: gate in task terms (box recall, decoded strings, mask IoU...)."),
@@ -54,7 +60,7 @@ def optimize(
 ) -> None:
     """Optimize an ONNX model's graph and quantize it, keeping the result only if it passes the accuracy gate.
 
-    Exit codes: 0 written, 1 gate failed (nothing written), 2 bad input.
+    Exit codes: 0 written, 1 gate failed or undecided (nothing written), 2 bad input.
     """
     from ..errors import ConfigError, GateError
     from ..optimize import Gate, OptimizeConfig
@@ -64,7 +70,7 @@ def optimize(
         raise ConfigError("Give either --max-accuracy-drop or --min-agreement, not both.")
     gate = None
     if max_accuracy_drop is not None or min_agreement is not None:
-        gate = Gate(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
+        gate = Gate(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, undecided=undecided.value)
     task_spec, task_gates = (None, None)
     if task is not None:
         from ..tasks import load_task_file
@@ -85,6 +91,7 @@ def optimize(
         measure=_measure_config() if target else None,
         task=task_spec,
         task_gates=task_gates,
+        undecided=undecided.value,
     )
     try:
         with progress_display(not as_json) as progress:

@@ -31,6 +31,11 @@ class Numerics:
             integer ones (see :class:`edgepack.tasks.OutputStats`).
         task: With a declared task: ``{kind, samples, metrics}`` after decoding both
             models' outputs alike (see :class:`edgepack.tasks.TaskRun`); else None.
+        class_samples: Samples behind ``agreement`` and ``accuracy`` (0 for non-class outputs).
+        agreed: Of those, samples whose top-1 class matches the original's.
+        fp32_only: Samples the original classifies right and the candidate wrong (the paired
+            count ``b`` of :mod:`edgepack.optimize.significance`; 0 without labels).
+        candidate_only: Samples the candidate classifies right and the original wrong (``c``).
     """
 
     samples: int
@@ -43,6 +48,10 @@ class Numerics:
     close: bool = True
     outputs: tuple = ()
     task: dict | None = None
+    class_samples: int = 0
+    agreed: int = 0
+    fp32_only: int = 0
+    candidate_only: int = 0
 
 
 # Tolerance for "this rewrite did not change the outputs".
@@ -95,7 +104,7 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
     max_err = 0.0
     dot = ref_sq = cand_sq = 0.0
     agree = class_rows = 0
-    correct = ref_correct = 0
+    correct = ref_correct = fp32_only = candidate_only = 0
     finite = True
     close = True
     seen = 0
@@ -153,8 +162,12 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
             class_rows += rows
             if labels is not None:
                 truth = labels[start : start + rows]
-                correct += int(np.sum(cand_top == truth))
-                ref_correct += int(np.sum(ref_top == truth))
+                cand_right, ref_right = cand_top == truth, ref_top == truth
+                correct += int(np.sum(cand_right))
+                ref_correct += int(np.sum(ref_right))
+                # Paired counts: the significance of a drop rests on the flips, not on two totals.
+                fp32_only += int(np.sum(ref_right & ~cand_right))
+                candidate_only += int(np.sum(cand_right & ~ref_right))
         seen += rows
     if ref_sq == 0.0 and cand_sq == 0.0:
         cosine = 1.0
@@ -174,6 +187,10 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
         close=close,
         outputs=tuple(per_output.result()),
         task=task_run.result() if task_run is not None else None,
+        class_samples=class_rows,
+        agreed=agree,
+        fp32_only=fp32_only if has_acc else 0,
+        candidate_only=candidate_only if has_acc else 0,
     )
 
 

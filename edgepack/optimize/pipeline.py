@@ -28,6 +28,14 @@ from .quantize import CALIBRATION_METHODS, QUANTIZERS, QuantAudit, QuantOptions,
 MODES = ("none", "dynamic", "static", "fp16", "auto")
 # When latencies are this close, the smaller file wins in --quantize auto.
 _LATENCY_TIE = 0.05
+#: In --quantize auto a candidate must beat the original by this share, in size or in median
+#: latency measured in the same interleaved run, to replace it; otherwise the original's bytes
+#: are written unchanged. 5% is above the run-to-run noise of the interleaved median on a
+#: shared host, so a "win" is not a coin toss.
+WIN_MARGIN = 0.05
+#: A result whose median latency is above the original's by more than this share is reported
+#: as slower (a warning), in every mode.
+SLOWER_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,9 @@ class OptimizeConfig:
             in its terms, and every output it does not read gets the per-output gate.
         task_gates: Task and per-output thresholds (``gates:`` keys such as
             ``min_box_recall``); unset ones take their documented defaults.
+        undecided: ``refuse`` or ``accept`` an accuracy/agreement gate that the data is too
+            small to decide (see :mod:`edgepack.optimize.significance`); applies to the
+            default gate (a given ``gate`` carries its own).
     """
 
     model: Path
@@ -70,9 +81,14 @@ class OptimizeConfig:
     measure: object | None = None
     task: object | None = None
     task_gates: dict | None = None
+    undecided: str = "refuse"
 
     def __post_init__(self) -> None:
+        from .significance import UNDECIDED_POLICIES
+
         problems = []
+        if self.undecided not in UNDECIDED_POLICIES:
+            problems.append(f"--undecided must be one of {', '.join(UNDECIDED_POLICIES)}, got '{self.undecided}'")
         if self.quantize not in MODES:
             problems.append(f"--quantize must be one of {', '.join(MODES)}, got '{self.quantize}'")
         if self.calibration_method not in CALIBRATION_METHODS:
@@ -102,6 +118,8 @@ class Candidate:
     model_bytes: bytes = field(default=b"", repr=False)
     #: With ``--target``: {"class", "how", "numerics"} measured under the target's arithmetic.
     target: dict | None = None
+    #: Statistical verdicts of the accuracy-drop / agreement gates (interval, counts, samples needed).
+    verdicts: list = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +140,8 @@ class OptimizeReport:
     warnings: list[str]
     host: str = field(default_factory=lambda: f"{platform.machine()} {platform.system()} python {platform.python_version()}")
     target: dict | None = None  # {"device", "class", "host_class"} with --target
+    #: Why the original's bytes were written unchanged (auto found nothing better), else None.
+    kept_original: str | None = None
 
     def to_dict(self) -> dict:
         def numerics(n: Numerics | None) -> dict | None:
@@ -163,11 +183,14 @@ class OptimizeReport:
                     "weights_quantized": None if c.audit is None else c.audit.weights_quantized,
                     "weights_total": None if c.audit is None else c.audit.weights_total,
                     "weights_left_float": None if c.audit is None else list(c.audit.left_float),
-                    "target": None if c.target is None else {**c.target, "numerics": numerics(c.target.get("numerics"))},
+                    "target": None if c.target is None else {**c.target, "numerics": numerics(c.target.get("numerics")),
+                                                             "verdicts": [v.to_dict() for v in c.target.get("verdicts", [])]},
+                    "gate_verdicts": [v.to_dict() for v in c.verdicts],
                 }
                 for c in self.candidates
             ],
             "target": self.target,
+            "kept_original": self.kept_original,
             "warnings": self.warnings,
         }
 
@@ -278,6 +301,13 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
                 base_bytes = fallback_bytes
                 graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
                                            f"optimized graph changed outputs (max abs error {check.max_abs_error:.3g}); kept the original graph")
+        if graph_report.applied and len(base_bytes) > len(original_bytes):
+            # Folding can grow a file (fp16 weights cast to fp32 constants, a ConstantOfShape
+            # expanded into a full tensor): a rewrite that makes the model bigger is not an optimization.
+            graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
+                                       f"optimized graph is larger than the input ({len(base_bytes):,} B vs "
+                                       f"{len(original_bytes):,} B); kept the original graph")
+            base_bytes = original_bytes
         if evaluation is None:
             warnings.append("No data was given and random inputs cannot be made for these inputs: results are not numerically checked.")
         base_path = work / "base.onnx"
@@ -328,14 +358,20 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
                 gate = gates.Gate()  # the task's gates replace the raw first-output gate (finiteness still checked)
             if gate is None:
                 sample = next((c.numerics for c in candidates if c.numerics is not None), None)
-                gate = gates.default_gate(evaluation.labels is not None, sample is not None and sample.agreement is not None)
-            judge = _judge(config, gate, covered)
+                gate = gates.default_gate(evaluation.labels is not None, sample is not None and sample.agreement is not None,
+                                          config.undecided)
+            # Random inputs are no sample of what the model will see: their count says nothing about
+            # the population, so they are judged on the measured values alone (and reported as such).
+            statistical = config.validation is not None or calibration is not None
+            judge = _judge(config, gate, covered, statistical)
             for cand in candidates:
                 if cand.numerics is not None:
                     cand.gate_failures = judge(cand.numerics)
+                    cand.verdicts = gates.assess(gate, cand.numerics, statistical)
+                    warnings.extend(f"{_label(cand.mode)}: {note}" for note in gates.notes(gate, cand.numerics, statistical))
             if target_class is not None:
                 _gate_under_target(config, target_class, candidates, runnable, reference, evaluation, batch, judge,
-                                   base_bytes, options, calibration, progress)
+                                   base_bytes, options, calibration, progress, gate, warnings, statistical)
         progress("Measuring latency")
         original_latency = None
         if evaluation is not None and runnable:
@@ -348,7 +384,11 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             for cand in candidates:
                 cand.latency = timings.get(cand.mode)
 
-        chosen = _choose(config, candidates, original_latency, warnings)
+        chosen = _choose(config, candidates, original_latency, len(original_bytes), warnings)
+        kept_original = None
+        if chosen is not None and chosen.mode == "original":
+            kept_original = chosen.reason
+            chosen.model_bytes = original_bytes
         report = OptimizeReport(
             model=str(config.model),
             output=None,
@@ -369,6 +409,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             warnings=warnings,
             target=None if target_class is None else {
                 "device": config.target, "class": target_class, "host_class": _measure_config(config).host_class},
+            kept_original=kept_original,
         )
         if chosen is None:
             failed = [c for c in candidates if c.gate_failures]
@@ -434,12 +475,12 @@ def _float_mode(mode: str) -> bool:
     return mode == "none"
 
 
-def _judge(config: OptimizeConfig, gate: gates.Gate, covered: tuple[str, ...]) -> Callable:
+def _judge(config: OptimizeConfig, gate: gates.Gate, covered: tuple[str, ...], statistical: bool = True) -> Callable:
     """``judge(numerics) -> failures``: the first-output gate, the task's gates and the per-output gate."""
     from ..tasks import check as task_check
 
     def judge(numerics: Numerics) -> list[str]:
-        return gates.check(gate, numerics) + task_check(numerics, config.task, config.task_gates or {}, covered)
+        return gates.check(gate, numerics, statistical) + task_check(numerics, config.task, config.task_gates or {}, covered)
 
     return judge
 
@@ -462,7 +503,7 @@ def _describe_gate(config: OptimizeConfig, gate: gates.Gate) -> str:
 
 
 def _gate_under_target(config, klass, candidates, runnable, reference, evaluation, batch, judge_numerics, base_bytes, options,
-                       calibration, progress) -> None:
+                       calibration, progress, gate, warnings, statistical) -> None:
     """Gate every candidate under the target's class; re-quantize static int8 that only that class breaks."""
     from dataclasses import replace
 
@@ -478,8 +519,9 @@ def _gate_under_target(config, klass, candidates, runnable, reference, evaluatio
             cand.target = {"class": klass, "how": None, "numerics": None}
             cand.gate_failures = [f"not measured under {klass}: {result}"]
             return
-        cand.target = {"class": klass, "how": how, "numerics": result}
+        cand.target = {"class": klass, "how": how, "numerics": result, "verdicts": gates.assess(gate, result, statistical)}
         cand.gate_failures = [f"under {klass} ({how}): {f}" for f in judge_numerics(result)]
+        warnings.extend(f"{_label(cand.mode)} under {klass}: {note}" for note in gates.notes(gate, result, statistical))
 
     for cand in list(candidates):
         if cand.mode in runnable and cand.numerics is not None:
@@ -531,7 +573,16 @@ def _compare_or_none(reference, model_bytes: bytes, dataset: Dataset, batch: int
         return Numerics(0, float("inf"), 0.0, None, None, None, False, close=False)
 
 
-def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Latency | None, warnings: list[str]) -> Candidate | None:
+def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Latency | None, original_size: int,
+            warnings: list[str]) -> Candidate | None:
+    """Mark each candidate passed/rejected and pick the result to write.
+
+    In ``auto`` the original is a contender too: a candidate that passed its gate wins only
+    if it is at least :data:`WIN_MARGIN` smaller than the original or that much faster
+    (median latency from the same interleaved run). When none is, a pseudo-candidate
+    ``original`` is returned and the caller writes the input's bytes unchanged. Any result
+    slower than the original by more than :data:`SLOWER_MARGIN` is reported as a warning.
+    """
     for cand in candidates:
         if cand.status in ("failed", "rejected"):
             continue
@@ -539,32 +590,58 @@ def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Laten
             cand.status, cand.reason = "rejected", "failed the gate: " + "; ".join(cand.gate_failures)
         else:
             cand.status = "passed"
-        if cand.latency and original and cand.latency.median_ms > original.median_ms * 1.1:
+        if cand.latency and original and cand.latency.median_ms > original.median_ms * (1 + SLOWER_MARGIN):
             ratio = cand.latency.median_ms / original.median_ms
-            warnings.append(f"{cand.mode} is {ratio:.1f}× SLOWER than the original on this host ({cand.latency.median_ms:.2f} ms vs {original.median_ms:.2f} ms median).")
+            warnings.append(f"{_label(cand.mode)} is {ratio:.2f}× SLOWER than the original on this host "
+                            f"({cand.latency.median_ms:.3f} ms vs {original.median_ms:.3f} ms median, same run).")
     passing = [c for c in candidates if c.status == "passed"]
     if not passing:
         return None
     if config.quantize != "auto":
         best = passing[0]
+        best.status = "chosen"
+        return best
+
+    def beats_original(c: Candidate) -> bool:
+        smaller = c.size_bytes <= original_size * (1 - WIN_MARGIN)
+        faster = c.latency is not None and original is not None and c.latency.median_ms <= original.median_ms * (1 - WIN_MARGIN)
+        return smaller or faster
+
+    winners = [c for c in passing if beats_original(c)]
+    for cand in passing:
+        if cand not in winners:
+            cand.status = "rejected"
+            cand.reason = (f"passed the gate but is neither {WIN_MARGIN:.0%} smaller nor {WIN_MARGIN:.0%} faster than the "
+                           f"original ({_versus(cand, original, original_size)})")
+    if not winners:
+        keep = Candidate("original", size_bytes=original_size, status="chosen", latency=original,
+                         reason=f"no candidate was at least {WIN_MARGIN:.0%} smaller or faster than the original; "
+                                "wrote the original model unchanged")
+        return keep
+    timed = [c for c in winners if c.latency is not None]
+    if timed:
+        fastest = min(c.latency.median_ms for c in timed)
+        close = [c for c in timed if c.latency.median_ms <= fastest * (1 + _LATENCY_TIE)]
+        best = min(close, key=lambda c: c.size_bytes)
     else:
-        timed = [c for c in passing if c.latency is not None]
-        if timed:
-            fastest = min(c.latency.median_ms for c in timed)
-            close = [c for c in timed if c.latency.median_ms <= fastest * (1 + _LATENCY_TIE)]
-            best = min(close, key=lambda c: c.size_bytes)
-        else:
-            best = min(passing, key=lambda c: c.size_bytes)
-        for cand in passing:
-            if cand is not best:
-                cand.status = "rejected"
-                if cand.latency and best.latency:
-                    cand.reason = (f"passed the gate but {_label(best.mode)} is better "
-                                   f"({best.latency.median_ms:.3f} ms, {best.size_bytes:,} B vs {cand.latency.median_ms:.3f} ms, {cand.size_bytes:,} B)")
-                else:
-                    cand.reason = f"passed the gate but {_label(best.mode)} is smaller"
+        best = min(winners, key=lambda c: c.size_bytes)
+    for cand in winners:
+        if cand is not best:
+            cand.status = "rejected"
+            if cand.latency and best.latency:
+                cand.reason = (f"passed the gate but {_label(best.mode)} is better "
+                               f"({best.latency.median_ms:.3f} ms, {best.size_bytes:,} B vs {cand.latency.median_ms:.3f} ms, {cand.size_bytes:,} B)")
+            else:
+                cand.reason = f"passed the gate but {_label(best.mode)} is smaller"
     best.status = "chosen"
     return best
+
+
+def _versus(cand: Candidate, original: Latency | None, original_size: int) -> str:
+    size = f"{cand.size_bytes:,} B vs {original_size:,} B"
+    if cand.latency is None or original is None:
+        return size + "; latency not measured"
+    return f"{size}, {cand.latency.median_ms:.3f} ms vs {original.median_ms:.3f} ms median"
 
 
 def _label(mode: str) -> str:

@@ -17,6 +17,24 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value * 100:.2f}%"
 
 
+def _verdict_line(v: dict) -> str:
+    """``accuracy drop 0.44 pt, 95% interval [-0.6, 1.6] pt (b=2, c=0, McNemar p=0.5) vs ≤ 1.00 pt: undecided, need ~1,188``."""
+    low, high = v["interval"]
+    conf = f"{v['confidence'] * 100:.0f}%"
+    if v["gate"] == "accuracy_drop":
+        text = (f"accuracy drop {v['estimate'] * 100:.2f} pt, {conf} interval [{low * 100:.1f}, {high * 100:.1f}] pt "
+                f"(b={v['counts']['b']} fp32-only right, c={v['counts']['c']} candidate-only right, McNemar p={v['p_value']:.3g}; "
+                f"{v['samples']} samples) vs ≤ {v['threshold'] * 100:.2f} pt")
+    else:
+        text = (f"agreement {v['estimate'] * 100:.2f}%, {conf} interval [{low * 100:.1f}, {high * 100:.1f}]% "
+                f"({v['counts']['flipped']} of {v['samples']} flipped) vs ≥ {v['threshold'] * 100:.2f}%")
+    verdict = v["verdict"]
+    if verdict == "undecided":
+        need = f"need ~{v['samples_needed']:,} samples" if v["samples_needed"] else "no sample count decides it"
+        return f"{text}: [yellow]undecided, {need}[/yellow]"
+    return f"{text}: {'[green]pass[/green]' if verdict == 'pass' else '[red]fail[/red]'}"
+
+
 def render(report: OptimizeReport) -> None:
     """Print the comparison table, decisions and warnings with rich."""
     from rich.console import Console
@@ -82,8 +100,12 @@ def render(report: OptimizeReport) -> None:
         state = "" if graph["applied"] else f" [yellow](not applied: {graph['note']})[/yellow]"
         console.print(f"Graph: {graph['nodes_before']} → {graph['nodes_after']} nodes ({removed}){state}.")
     for c in data["candidates"]:
+        for v in c.get("gate_verdicts") or []:
+            console.print(f"  {c['mode']}: {_verdict_line(v)}")
         if c["reason"]:
             console.print(f"  {c['mode']}: {c['reason']}")
+    if data.get("kept_original"):
+        console.print(f"[yellow]Kept the original:[/yellow] {data['kept_original']}.")
     for warning in data["warnings"]:
         console.print(f"[bold yellow]WARNING:[/bold yellow] {warning}")
     if report.output:
