@@ -160,7 +160,8 @@ def test_auto_falls_back_to_a_mode_that_passes_when_int8_breaks_the_model(cli, t
     model = models.outlier_weight_mlp()
     src = save(model, tmp_path / "outlier.onnx")
     np.save(tmp_path / "calib.npy", models.outlier_inputs(64, seed=2))
-    val = labelled_validation(model, models.outlier_inputs(200, seed=3), tmp_path / "val.npz")
+    # 400 samples: enough for a 99% agreement gate to decide (0 flips in 200 would leave it undecided).
+    val = labelled_validation(model, models.outlier_inputs(400, seed=3), tmp_path / "val.npz")
     code, stdout, err = cli(
         "optimize", src, "-o", tmp_path / "out.onnx", "--quantize", "auto", "--calibration", tmp_path / "calib.npy",
         "--validation", val, "--min-agreement", "0.99", "--json", "--runs", "2",

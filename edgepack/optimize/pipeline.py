@@ -384,7 +384,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             for cand in candidates:
                 cand.latency = timings.get(cand.mode)
 
-        chosen = _choose(config, candidates, original_latency, len(original_bytes), warnings)
+        chosen = _choose(config, candidates, original_latency, original_bytes, warnings)
         kept_original = None
         if chosen is not None and chosen.mode == "original":
             kept_original = chosen.reason
@@ -573,16 +573,19 @@ def _compare_or_none(reference, model_bytes: bytes, dataset: Dataset, batch: int
         return Numerics(0, float("inf"), 0.0, None, None, None, False, close=False)
 
 
-def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Latency | None, original_size: int,
+def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Latency | None, original_bytes: bytes,
             warnings: list[str]) -> Candidate | None:
     """Mark each candidate passed/rejected and pick the result to write.
 
     In ``auto`` the original is a contender too: a candidate that passed its gate wins only
     if it is at least :data:`WIN_MARGIN` smaller than the original or that much faster
     (median latency from the same interleaved run). When none is, a pseudo-candidate
-    ``original`` is returned and the caller writes the input's bytes unchanged. Any result
-    slower than the original by more than :data:`SLOWER_MARGIN` is reported as a warning.
+    ``original`` is returned and the caller writes the input's bytes unchanged. A candidate
+    whose bytes are the original's (a graph rewrite that was discarded) never wins: its
+    latency differs from the original's only by noise. Any result slower than the original
+    by more than :data:`SLOWER_MARGIN` is reported as a warning.
     """
+    original_size = len(original_bytes)
     for cand in candidates:
         if cand.status in ("failed", "rejected"):
             continue
@@ -603,6 +606,8 @@ def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Laten
         return best
 
     def beats_original(c: Candidate) -> bool:
+        if c.model_bytes == original_bytes:
+            return False
         smaller = c.size_bytes <= original_size * (1 - WIN_MARGIN)
         faster = c.latency is not None and original is not None and c.latency.median_ms <= original.median_ms * (1 - WIN_MARGIN)
         return smaller or faster
@@ -611,7 +616,8 @@ def _choose(config: OptimizeConfig, candidates: list[Candidate], original: Laten
     for cand in passing:
         if cand not in winners:
             cand.status = "rejected"
-            cand.reason = (f"passed the gate but is neither {WIN_MARGIN:.0%} smaller nor {WIN_MARGIN:.0%} faster than the "
+            cand.reason = ("passed the gate but is the original model byte for byte" if cand.model_bytes == original_bytes else
+                           f"passed the gate but is neither {WIN_MARGIN:.0%} smaller nor {WIN_MARGIN:.0%} faster than the "
                            f"original ({_versus(cand, original, original_size)})")
     if not winners:
         keep = Candidate("original", size_bytes=original_size, status="chosen", latency=original,

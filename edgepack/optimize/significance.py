@@ -73,8 +73,6 @@ CONFIDENCE = 0.95
 UNDECIDED_POLICIES = ("refuse", "accept")
 # Samples-needed search stops here: beyond it no validation set is realistic.
 _MAX_SAMPLES = 10_000_000
-# Binomial tails summed exactly up to this many discordant pairs; a normal approximation beyond.
-_EXACT_LIMIT = 5_000
 
 
 def _z(confidence: float) -> float:
@@ -132,19 +130,23 @@ def paired_difference_interval(a: float, b: float, c: float, d: float,
 
 
 def _upper_tail(k: int, m: int) -> float:
-    """P(X ≥ k) for X ~ Binomial(m, ½)."""
+    """P(X ≥ k) for X ~ Binomial(m, ½), exact to float precision.
+
+    Only called with ``k ≥ m/2``, where the terms fall monotonically: the sum stops once
+    they no longer change it (a few multiples of √m terms), so millions of pairs stay cheap.
+    """
     if k <= 0:
         return 1.0
     if k > m:
         return 0.0
-    if m <= _EXACT_LIMIT:
-        log_half = m * math.log(0.5)
-        base = math.lgamma(m + 1)
-        terms = [math.exp(base - math.lgamma(i + 1) - math.lgamma(m - i + 1) + log_half) for i in range(k, m + 1)]
-        return min(1.0, math.fsum(terms))
-    # Normal approximation with continuity correction: accurate to well under 1e-3 at this size.
-    mean, sd = m / 2.0, math.sqrt(m) / 2.0
-    return 1.0 - NormalDist().cdf((k - 0.5 - mean) / sd)
+    term = math.exp(math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) + m * math.log(0.5))
+    terms = [term]
+    for i in range(k, m):
+        term *= (m - i) / (i + 1)
+        terms.append(term)
+        if term < terms[0] * 1e-18 or term == 0.0:
+            break
+    return min(1.0, math.fsum(terms))
 
 
 def mcnemar_exact(b: int, c: int) -> float:
