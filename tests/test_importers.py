@@ -188,10 +188,11 @@ def test_sklearn_iris_pipeline_matches_predict_proba(skl2onnx, tmp_path):
     joblib.dump(pipe, path)
 
     imported = import_model("sklearn", SklearnSource(path))
-    assert [o.name for o in imported.model.graph.output] == ["label", "probabilities"]  # no ZipMap
+    # No ZipMap, and the float probabilities first: the gates and output.labels work on the first output.
+    assert [o.name for o in imported.model.graph.output] == ["probabilities", "label"]
     assert len({o.domain for o in imported.model.opset_import}) == len(imported.model.opset_import)
     x = X.astype(np.float32)
-    labels, proba = run(imported, x)
+    proba, labels = run(imported, x)
     np.testing.assert_allclose(proba, pipe.predict_proba(x), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(labels, pipe.predict(x))
     assert imported.source_sha256 == sha256(path)

@@ -3,9 +3,13 @@
 The estimator is read from a joblib or pickle file. **Unpickling runs code stored in
 the file**, so the path must point at a file you produced or otherwise trust.
 
-Classifiers are converted without skl2onnx's ZipMap, so outputs are plain tensors:
-``label`` [N] and ``probabilities`` [N, classes]. The converted graph is run on
-random inputs and compared with ``predict_proba`` / ``predict`` / ``transform``.
+Classifiers are converted without skl2onnx's ZipMap, so outputs are plain tensors, and
+the float ``probabilities`` [N, classes] output comes FIRST, before the int64 ``label``
+[N]: the build gates (accuracy, top-1 agreement) and post-processing (``output.labels``)
+work on the first output, and a classifier is judged on its class scores. The label
+output stays an output and is gated as well (its agreement with fp32). The converted
+graph is run on random inputs and compared with ``predict_proba`` / ``predict`` /
+``transform``.
 
 scikit-learn and skl2onnx are imported inside the importer (the ``sklearn`` extra).
 """
@@ -115,6 +119,22 @@ def _convert(skl2onnx: Any, estimator: Any, n_features: int, source: SklearnSour
         ) from exc
 
 
+#: skl2onnx's names of a classifier's outputs once ZipMap is off.
+PROBABILITIES, LABEL = "probabilities", "label"
+
+
+def _probabilities_first(model: Any) -> None:
+    """Put the float probability output before the label output, in place (ONNX output order is free)."""
+    outputs = list(model.graph.output)
+    names = [o.name for o in outputs]
+    if PROBABILITIES not in names or names[0] == PROBABILITIES:
+        return
+    ordered = [o for o in outputs if o.name == PROBABILITIES] + [o for o in outputs if o.name != PROBABILITIES]
+    del model.graph.output[:]
+    model.graph.output.extend(ordered)
+    model.graph.output[0].doc_string = "class probabilities (predict_proba): already normalised, no softmax needed"
+
+
 def _same_labels(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
     expected, actual = np.asarray(expected).reshape(-1), np.asarray(actual).reshape(-1)
     if expected.dtype.kind in "biuf" and actual.dtype.kind in "biuf":
@@ -135,6 +155,7 @@ def _verify(session: Any, estimator: Any, n_features: int, source: SklearnSource
 
     x = np.random.default_rng(0).standard_normal((CHECK_ROWS, n_features)).astype(np.float32)
     got = run_session(session, {source.input_name: x}, f"The ONNX conversion of {source.path} cannot run")
+    by_name = dict(zip((o.name for o in session.get_outputs()), got))
 
     def refuse(what: str, detail: str) -> ModelError:
         return ModelError(
@@ -150,13 +171,14 @@ def _verify(session: Any, estimator: Any, n_features: int, source: SklearnSource
     if is_classifier(_final_estimator(estimator)):
         labels = _reference(estimator, "predict", x)
         rows = np.ones(len(x), dtype=bool)
-        if hasattr(estimator, "predict_proba") and len(got) > 1:
+        predicted = by_name.get(LABEL, got[0])
+        if hasattr(estimator, "predict_proba") and PROBABILITIES in by_name:
             proba = _reference(estimator, "predict_proba", x)
-            compare("probabilities", proba, got[1])
+            compare("probabilities", proba, by_name[PROBABILITIES])
             top2 = np.sort(proba, axis=1)[:, -2:] if proba.ndim == 2 and proba.shape[1] > 1 else None
             if top2 is not None:
                 rows = top2[:, 1] - top2[:, 0] > TIE_MARGIN
-        same = _same_labels(labels, got[0]) if labels.size == got[0].size else np.zeros(len(x), dtype=bool)
+        same = _same_labels(labels, predicted) if labels.size == predicted.size else np.zeros(len(x), dtype=bool)
         if not same.reshape(len(x), -1).all(axis=1)[rows].all():
             raise refuse("predicted labels", f"differ on {int((~same.reshape(len(x), -1).all(axis=1))[rows].sum())} of {len(x)} rows")
     elif hasattr(estimator, "predict"):
@@ -187,6 +209,7 @@ class SklearnImporter:
         n_features = _check_estimator(estimator, source)
         converted = _convert(skl2onnx, estimator, n_features, source)
         merge_opset_imports(converted)
+        _probabilities_first(converted)
         serialized = converted.SerializeToString()
         label = f"ONNX conversion of {source.path}"
         model = parse_model(serialized, label, check=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class Numerics:
         fp32_only: Samples the original classifies right and the candidate wrong (the paired
             count ``b`` of :mod:`edgepack.optimize.significance`; 0 without labels).
         candidate_only: Samples the candidate classifies right and the original wrong (``c``).
+        label_outputs: Per further integer class-id output (a ``[N]`` or ``[N, 1]`` label such
+            as scikit-learn's ``label``): ``[agreed, samples]`` against the original.
     """
 
     samples: int
@@ -52,6 +54,7 @@ class Numerics:
     agreed: int = 0
     fp32_only: int = 0
     candidate_only: int = 0
+    label_outputs: dict = field(default_factory=dict)
 
 
 # Tolerance for "this rewrite did not change the outputs".
@@ -109,6 +112,11 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
     close = True
     seen = 0
     labels = dataset.labels
+    label_counts: dict[str, list[int]] = {}
+    try:
+        output_names = [o.name for o in reference.get_outputs()]
+    except AttributeError:  # a session without output metadata: name the outputs by position
+        output_names = []
     for start, feed in dataset.batches(batch_size, limit):
         rows = next(iter(feed.values())).shape[0] if feed else 0
         if rows != batch_size and batch_size_fixed(reference, batch_size):
@@ -147,6 +155,15 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
                         close = False
             elif not np.array_equal(ref, cand):
                 close = False  # integer outputs (class ids, top-k indices) must match exactly
+        for index, (ref, cand) in enumerate(zip(ref_out[1:], cand_out[1:]), start=1):
+            ref, cand = np.asarray(ref), np.asarray(cand)
+            if ref.dtype.kind in "iu" and ref.shape[:1] == (rows,) and ref.size == rows:
+                # A class-id output beside the scores: devices act on it, so it is gated like them.
+                name = output_names[index] if index < len(output_names) else f"output {index}"
+                counts = label_counts.setdefault(name, [0, 0])
+                same = cand.shape == ref.shape and cand.dtype.kind in "iu"
+                counts[0] += int(np.sum(ref.reshape(-1) == cand.reshape(-1))) if same else 0
+                counts[1] += rows
         first_ref = np.asarray(ref_out[0])
         first_cand = np.asarray(cand_out[0])
         if first_ref.dtype.kind == "f" and first_ref.shape == first_cand.shape:
@@ -191,6 +208,7 @@ def compare(reference, candidate, dataset: Dataset, batch_size: int, limit: int 
         agreed=agree,
         fp32_only=fp32_only if has_acc else 0,
         candidate_only=candidate_only if has_acc else 0,
+        label_outputs=label_counts,
     )
 
 

@@ -70,15 +70,17 @@ def default_gate(has_labels: bool, class_output: bool, undecided: str = "refuse"
     return Gate(min_cosine=0.99, undecided=undecided)
 
 
-def assess(gate: Gate, numerics: Numerics) -> list[significance.Verdict]:
+def assess(gate: Gate, numerics: Numerics, statistical: bool = True) -> list[significance.Verdict]:
     """Statistical verdicts of the accuracy-drop and agreement gates that the counts allow. Pure.
 
-    Numbers without their counts (``class_samples == 0``, e.g. built by hand) get no
-    verdict here and are checked on the point estimate by :func:`check`.
+    Numbers without their counts (``class_samples == 0``, e.g. built by hand), or measured
+    on synthetic inputs (``statistical=False``: random samples are no sample of the
+    deployment data, so their count proves nothing), get no verdict here and are checked on
+    the measured values by :func:`check`.
     """
     verdicts = []
     n = numerics.class_samples
-    if n <= 0:
+    if n <= 0 or not statistical:
         return verdicts
     if gate.max_accuracy_drop is not None and numerics.reference_accuracy is not None and numerics.accuracy is not None:
         reference_correct = int(round(numerics.reference_accuracy * n))
@@ -86,6 +88,10 @@ def assess(gate: Gate, numerics: Numerics) -> list[significance.Verdict]:
                                                   gate.max_accuracy_drop))
     if gate.min_agreement is not None and numerics.agreement is not None:
         verdicts.append(significance.agreement_verdict(n, numerics.agreed, gate.min_agreement))
+    if gate.min_agreement is not None:
+        for name, (agreed, rows) in sorted(numerics.label_outputs.items()):
+            if rows > 0:
+                verdicts.append(significance.agreement_verdict(rows, agreed, gate.min_agreement, output=name))
     return verdicts
 
 
@@ -95,23 +101,39 @@ def _fail_text(verdict: significance.Verdict, numerics: Numerics) -> str:
         head = (f"accuracy dropped {verdict.estimate * 100:.2f} pt ({numerics.reference_accuracy * 100:.2f}% → "
                 f"{numerics.accuracy * 100:.2f}%), above the allowed {verdict.threshold * 100:.2f} pt")
     else:
-        head = f"top-1 agreement {verdict.estimate * 100:.2f}% is below the required {verdict.threshold * 100:.2f}%"
+        what = "top-1 agreement" if verdict.output is None else f"agreement of output {verdict.output!r}"
+        head = f"{what} {verdict.estimate * 100:.2f}% is below the required {verdict.threshold * 100:.2f}%"
     return f"{head} ({verdict.sentence()})"
 
 
-def notes(gate: Gate, numerics: Numerics) -> list[str]:
+def notes(gate: Gate, numerics: Numerics, statistical: bool = True) -> list[str]:
     """Sentences for undecided gates that ``gate.undecided == "accept"`` let pass (to report as warnings)."""
     if gate.undecided != "accept" or not numerics.finite:
         return []
-    return [f"accepted although {v.sentence()}" for v in assess(gate, numerics) if v.verdict == "undecided"]
+    return [f"accepted although {v.sentence()}" for v in assess(gate, numerics, statistical) if v.verdict == "undecided"]
 
 
-def check(gate: Gate, numerics: Numerics) -> list[str]:
-    """Reasons the candidate fails the gate (empty when it passes). Pure."""
+def check(gate: Gate, numerics: Numerics, statistical: bool = True) -> list[str]:
+    """Reasons the candidate fails the gate (empty when it passes). Pure.
+
+    Args:
+        gate: The thresholds.
+        numerics: What was measured.
+        statistical: Decide the accuracy-drop and agreement gates from their counts (see
+            :func:`assess`); False judges them on the measured values alone.
+    """
     failures = []
     if not numerics.finite:
         failures.append("outputs contain NaN or infinity")
-    verdicts = {v.gate: v for v in assess(gate, numerics)}
+    every = assess(gate, numerics, statistical)
+    verdicts = {v.gate: v for v in every if v.output is None}
+    for verdict in every:
+        if verdict.output is not None:  # further class-id outputs: judged like the top-1 agreement
+            if verdict.verdict == "fail":
+                failures.append(_fail_text(verdict, numerics))
+            elif verdict.verdict == "undecided" and gate.undecided == "refuse":
+                failures.append(f"output {verdict.output!r} {verdict.sentence()} (add validation samples, or accept "
+                                "undecided gates: gates.undecided: accept / --undecided accept)")
 
     def judged(name: str) -> bool:
         verdict = verdicts.get(name)
@@ -140,6 +162,11 @@ def check(gate: Gate, numerics: Numerics) -> list[str]:
             failures.append("top-1 agreement cannot be measured: the first output is not a [N, classes] score matrix")
         elif numerics.agreement < gate.min_agreement - 1e-12:
             failures.append(f"top-1 agreement {numerics.agreement * 100:.2f}% is below the required {gate.min_agreement * 100:.2f}%")
+    if gate.min_agreement is not None and not any(v.output is not None for v in every):
+        for name, (agreed, rows) in sorted(numerics.label_outputs.items()):
+            if rows and agreed / rows < gate.min_agreement - 1e-12:
+                failures.append(f"agreement of output {name!r} {agreed / rows * 100:.2f}% is below the required "
+                                f"{gate.min_agreement * 100:.2f}%")
     if gate.min_cosine is not None and numerics.cosine < gate.min_cosine:
         failures.append(f"cosine similarity {numerics.cosine:.4f} is below the required {gate.min_cosine:.4f}")
     return failures

@@ -301,13 +301,17 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
                 base_bytes = fallback_bytes
                 graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
                                            f"optimized graph changed outputs (max abs error {check.max_abs_error:.3g}); kept the original graph")
+        # The fp32 result ("none"). Folding can grow a file (fp16 weights cast to fp32 constants, a
+        # ConstantOfShape expanded into a full tensor): a rewrite that makes the model bigger is not
+        # an optimization, so that result keeps the input's bytes. Quantizers still start from the
+        # optimized graph, where Constant weights became initializers they can quantize.
+        none_bytes = base_bytes
         if graph_report.applied and len(base_bytes) > len(original_bytes):
-            # Folding can grow a file (fp16 weights cast to fp32 constants, a ConstantOfShape
-            # expanded into a full tensor): a rewrite that makes the model bigger is not an optimization.
-            graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_before, {}, False,
-                                       f"optimized graph is larger than the input ({len(base_bytes):,} B vs "
-                                       f"{len(original_bytes):,} B); kept the original graph")
-            base_bytes = original_bytes
+            none_bytes = original_bytes
+            graph_report = GraphReport(graph_report.nodes_before, graph_report.nodes_after, graph_report.ops_removed, True,
+                                       f"the optimized graph is larger than the input ({len(base_bytes):,} B vs "
+                                       f"{len(original_bytes):,} B): the fp32 result keeps the original graph; "
+                                       "quantization starts from the optimized one")
         if evaluation is None:
             warnings.append("No data was given and random inputs cannot be made for these inputs: results are not numerically checked.")
         base_path = work / "base.onnx"
@@ -321,7 +325,7 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             cand = Candidate(mode)
             candidates.append(cand)
             if mode == "none":
-                cand.model_bytes = base_bytes
+                cand.model_bytes = none_bytes
             else:
                 progress(f"Quantizing ({mode})")
                 out = work / f"{mode}.onnx"

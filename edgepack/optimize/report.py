@@ -97,7 +97,8 @@ def render(report: OptimizeReport) -> None:
     graph = data["graph"]
     if graph:
         removed = ", ".join(f"{op} −{n}" for op, n in sorted(graph["ops_removed"].items())) or "nothing removed"
-        state = "" if graph["applied"] else f" [yellow](not applied: {graph['note']})[/yellow]"
+        state = (f" [yellow](not applied: {graph['note']})[/yellow]" if not graph["applied"]
+                 else f" [yellow]({graph['note']})[/yellow]" if graph["note"] else "")
         console.print(f"Graph: {graph['nodes_before']} → {graph['nodes_after']} nodes ({removed}){state}.")
     for c in data["candidates"]:
         for v in c.get("gate_verdicts") or []:

@@ -174,6 +174,8 @@ class Verdict:
         p_value: Exact McNemar p-value of the flips (accuracy drop only).
         samples_needed: Samples at which the rule would decide at the measured rates
             (None when it already decides, or when no count can).
+        output: For an agreement verdict on a further class-id output (e.g. ``label``), its
+            name; None for the first output's top-1 class.
     """
 
     gate: str
@@ -186,6 +188,7 @@ class Verdict:
     counts: dict
     p_value: float | None = None
     samples_needed: int | None = None
+    output: str | None = None
 
     def interval_text(self) -> str:
         """``[-2.1, 6.3] pt`` for the drop, ``[93.1, 99.8]%`` for agreement."""
@@ -207,7 +210,8 @@ class Verdict:
                     f"{self.counts['c']} the reverse; exact McNemar p = {self.p_value:.3g})")
             gate = f"the {self.threshold * 100:.2f} pt gate"
         else:
-            body = (f"with {self.samples} samples the top-1 agreement is {self.estimate * 100:.2f}% "
+            what = "top-1 agreement" if self.output is None else f"agreement of output {self.output!r}"
+            body = (f"with {self.samples} samples the {what} is {self.estimate * 100:.2f}% "
                     f"({self.counts['flipped']} flipped), {pct}% interval {self.interval_text()}")
             gate = f"the {self.threshold * 100:.2f}% gate"
         if self.verdict != "undecided":
@@ -221,7 +225,7 @@ class Verdict:
             "gate": self.gate, "verdict": self.verdict, "estimate": self.estimate,
             "interval": [self.lower, self.upper], "confidence": CONFIDENCE, "threshold": self.threshold,
             "samples": self.samples, "counts": dict(self.counts), "p_value": self.p_value,
-            "samples_needed": self.samples_needed,
+            "samples_needed": self.samples_needed, "output": self.output,
         }
 
 
@@ -295,8 +299,10 @@ def drop_verdict(samples: int, reference_correct: int, fp32_only: int, candidate
     return Verdict("accuracy_drop", verdict, (b - c) / n, lower, upper, threshold, n, {"b": b, "c": c}, p, needed)
 
 
-def agreement_verdict(samples: int, agreed: int, threshold: float, confidence: float = CONFIDENCE) -> Verdict:
-    """The agreement gate's verdict: ``agreed`` of ``samples`` keep the original's top-1 class."""
+def agreement_verdict(samples: int, agreed: int, threshold: float, confidence: float = CONFIDENCE,
+                      output: str | None = None) -> Verdict:
+    """The agreement gate's verdict: ``agreed`` of ``samples`` keep the original's top-1 class
+    (or, with ``output``, that class-id output's value)."""
     if samples <= 0 or not 0 <= agreed <= samples:
         raise ValueError(f"inconsistent agreement counts: {agreed} of {samples}")
     verdict, lower, upper = _agreement_rule(agreed, samples, threshold, confidence)
@@ -305,4 +311,4 @@ def agreement_verdict(samples: int, agreed: int, threshold: float, confidence: f
         rate = agreed / samples
         needed = _samples_needed(lambda m: _agreement_rule(rate * m, m, threshold, confidence)[0] != "undecided", samples)
     return Verdict("agreement", verdict, agreed / samples, lower, upper, threshold, samples,
-                   {"agreed": agreed, "flipped": samples - agreed}, None, needed)
+                   {"agreed": agreed, "flipped": samples - agreed}, None, needed, output)
