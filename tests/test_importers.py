@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 import subprocess
@@ -234,6 +235,117 @@ def test_sklearn_bad_files_and_settings(skl2onnx, tmp_path):
     garbage.write_bytes(b"\x80\x04garbage" * 10)
     with pytest.raises(ModelError, match="could not be unpickled"):
         import_model("sklearn", SklearnSource(garbage))
+
+
+def test_sklearn_binary_and_ovr_linear_classifiers_become_standard_ops_with_the_same_probabilities(skl2onnx, tmp_path):
+    import joblib
+    from sklearn.datasets import load_breast_cancer, load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.svm import LinearSVC
+
+    X, y = load_breast_cancer(return_X_y=True)
+    binary = LogisticRegression(max_iter=5000).fit(X, y)
+    Xi, yi = load_iris(return_X_y=True)
+    ovr = OneVsRestClassifier(LogisticRegression(max_iter=500)).fit(Xi, yi)
+    for name, est, data in (("binary", binary, X), ("ovr", ovr, Xi)):
+        path = tmp_path / f"{name}.joblib"
+        joblib.dump(est, path)
+        imported = import_model("sklearn", SklearnSource(path))
+        assert imported.model.graph.output[0].name == "probabilities"
+        x = data.astype(np.float32)
+        proba, labels = run(imported, x)[:2]
+        np.testing.assert_allclose(proba, est.predict_proba(x), atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(labels.ravel(), est.predict(x))
+    ops = {n.op_type for n in import_model("sklearn", SklearnSource(tmp_path / "binary.joblib")).model.graph.node}
+    assert "LinearClassifier" not in ops and "MatMul" in ops  # quantizable: the weights are an initializer
+    # A linear model skl2onnx cannot give probabilities for still imports (decision scores, label).
+    svc = tmp_path / "svc.joblib"
+    joblib.dump(LinearSVC().fit(Xi, yi), svc)
+    assert import_model("sklearn", SklearnSource(svc)).model.graph.output
+
+
+def _sklearn_digits_project(directory: Path, estimator, variants: list[str]) -> Path:
+    """A build project around ``estimator`` fitted on half of scikit-learn's digits (offline data)."""
+    import joblib
+    import yaml
+    from sklearn.datasets import load_digits
+
+    from edgepack.bundle.keys import generate_keypair
+
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(X))
+    train, val = order[:897], order[897:]  # 900 held out: enough for the gates to decide
+    estimator.fit(X[train], y[train])
+    directory.mkdir(parents=True, exist_ok=True)
+    joblib.dump(estimator, directory / "model.joblib")
+    np.savez(directory / "calib.npz", raw=X[train[:200]])
+    np.savez(directory / "val.npz", raw=X[val], labels=y[val].astype(np.int64))
+    columns = [f"p{i}" for i in range(64)]
+    config = {
+        "name": "digits-sklearn", "version": "1.0.0",
+        "model": {"kind": "sklearn", "path": "model.joblib", "n_features": 64},
+        "input": {"name": "raw", "tabular": {"raw_columns": columns, "columns": [{"name": c} for c in columns]}},
+        "output": {"labels": [str(i) for i in range(10)]},
+        "data": {"calibration": {"path": "calib.npz", "key": "raw"},
+                 "validation": {"path": "val.npz", "key": "raw", "labels": "labels"}},
+        "targets": [{"device": "x86-gateway", "variants": variants}],
+        "gates": {"max_accuracy_drop": 0.02},
+        "signing": {"key": "keys/digits.key"}, "output_dir": "dist",
+    }
+    (directory / "edgepack.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (directory / "keys").mkdir()
+    generate_keypair(directory / "keys", "digits")
+    return directory / "edgepack.yaml"
+
+
+def _build(cli, project: Path) -> tuple[int, str, str, dict | None]:
+    code, out, err = cli("build", project)
+    report = project.parent / "dist" / "digits-sklearn-1.0.0.build.json"
+    return code, out, err, json.loads(report.read_text()) if report.is_file() else None
+
+
+def test_sklearn_logistic_regression_gates_int8_and_fp16_on_its_probabilities(skl2onnx, cli, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from edgepack.bundle import read_member
+
+    project = _sklearn_digits_project(tmp_path / "lr", LogisticRegression(max_iter=300), ["fp32", "int8", "fp16"])
+    code, out, err, report = _build(cli, project)
+    assert code == 0, (out, err)
+    for vid in ("onnx-fp32", "onnx-int8", "onnx-fp16"):
+        n = report["variants"][vid]["numerics"]
+        assert n["accuracy"] > 0.9 and n["agreement"] is not None and n["class_samples"] == 900, vid
+        assert n["label_outputs"]["label"][1] == 900
+    for vid in ("onnx-int8", "onnx-fp16"):
+        verdicts = {(v["gate"], v["output"]): v for v in report["variants"][vid]["gate_verdicts"]}
+        assert set(verdicts) == {("accuracy_drop", None), ("agreement", None), ("agreement", "label")}
+        assert all(v["verdict"] == "pass" and v["samples"] == 900 for v in verdicts.values())
+        drop = verdicts[("accuracy_drop", None)]
+        assert drop["interval"][0] <= drop["estimate"] <= drop["interval"][1] <= 0.02
+    assert "95% interval" in out and "agreement of output 'label'" in out
+    manifest = json.loads(read_member(project.parent / "dist" / "digits-sklearn-1.0.0.epk", "manifest.json"))
+    first = manifest["io"]["outputs"][0]
+    assert first["name"] == "probabilities" and first["labels"] == [str(i) for i in range(10)]
+    assert {v["precision"] for v in manifest["variants"]} >= {"fp32", "int8", "fp16"}
+
+
+def test_sklearn_random_forest_gates_on_its_probabilities_and_int8_is_refused_by_name(skl2onnx, cli, tmp_path):
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = RandomForestClassifier(n_estimators=20, max_depth=10, random_state=0)
+    project = _sklearn_digits_project(tmp_path / "rf", forest, ["fp32"])
+    code, out, err, report = _build(cli, project)
+    assert code == 0, (out, err)
+    n = report["variants"]["onnx-fp32"]["numerics"]
+    assert n["accuracy"] > 0.85 and n["agreement"] == 1.0 and n["reference_accuracy"] == n["accuracy"]
+    assert "cannot be measured" not in out + err
+    # Tree ensembles have no weight matrix: int8 is refused with one sentence, not built unmeasured.
+    project = _sklearn_digits_project(tmp_path / "rf8", forest, ["fp32", "int8"])
+    code, out, err, report = _build(cli, project)
+    assert code != 0 and "Traceback" not in out + err
+    assert "found no Conv/MatMul/Gemm weights" in err and not (project.parent / "dist").exists()
 
 
 # --- TFLite ---------------------------------------------------------------------------------------

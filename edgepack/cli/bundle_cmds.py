@@ -181,7 +181,8 @@ def _verdict_text(v: dict) -> str:
         text = (f"accuracy drop {v['estimate'] * 100:.2f} pt, {conf} interval [{low * 100:.1f}, {high * 100:.1f}] pt "
                 f"(b={v['counts']['b']}, c={v['counts']['c']}, McNemar p={v['p_value']:.3g}) vs <= {v['threshold'] * 100:.2f} pt")
     else:
-        text = (f"agreement {v['estimate'] * 100:.2f}%, {conf} interval [{low * 100:.1f}, {high * 100:.1f}]% "
+        what = "agreement" if not v.get("output") else f"agreement of output {v['output']!r}"
+        text = (f"{what} {v['estimate'] * 100:.2f}%, {conf} interval [{low * 100:.1f}, {high * 100:.1f}]% "
                 f"({v['counts']['flipped']} of {v['samples']} flipped) vs >= {v['threshold'] * 100:.2f}%")
     if v["verdict"] == "undecided":
         return text + (f": undecided, need ~{v['samples_needed']:,} samples" if v["samples_needed"] else ": undecided")

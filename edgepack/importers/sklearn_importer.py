@@ -101,7 +101,8 @@ def _convert(skl2onnx: Any, estimator: Any, n_features: int, source: SklearnSour
     from sklearn.base import is_classifier
 
     final = _final_estimator(estimator)
-    options = {id(final): {"zipmap": False}} if is_classifier(final) else None
+    # ZipMap exists only for classifiers with probabilities (LinearSVC's converter refuses the option).
+    options = {id(final): {"zipmap": False}} if is_classifier(final) and hasattr(final, "predict_proba") else None
     try:
         return skl2onnx.convert_sklearn(
             estimator, initial_types=[(source.input_name, FloatTensorType([None, n_features]))],
@@ -133,6 +134,76 @@ def _probabilities_first(model: Any) -> None:
     del model.graph.output[:]
     model.graph.output.extend(ordered)
     model.graph.output[0].doc_string = "class probabilities (predict_proba): already normalised, no softmax needed"
+
+
+def _linear_to_standard_ops(model: Any) -> bool:
+    """Rewrite an ``ai.onnx.ml`` LinearClassifier (and the L1 Normalizer after it) as MatMul + Add +
+    Softmax/Sigmoid + ArgMax, in place. Returns True when it rewrote one.
+
+    skl2onnx emits linear models as one opaque ``LinearClassifier`` node, which quantizers cannot
+    see into: such a model has no int8 or fp16 variant. The same computation in standard
+    operators has its weight matrix as an initializer, so it quantizes like any dense layer and
+    runs on every engine. :func:`_verify` then proves the rewrite against ``predict_proba``.
+    Forms it does not know (a one-row binary model, string labels, PROBIT) stay as they are.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    index = next((i for i, n in enumerate(nodes) if n.op_type == "LinearClassifier" and n.domain == "ai.onnx.ml"), None)
+    if index is None:
+        return False
+    node = nodes[index]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    transform = attrs.get("post_transform", b"NONE")
+    transform = transform.decode() if isinstance(transform, bytes) else str(transform)
+    labels = list(attrs.get("classlabels_ints") or [])
+    coefficients = np.asarray(attrs.get("coefficients") or [], dtype=np.float32)
+    if not labels or transform not in ("NONE", "SOFTMAX", "LOGISTIC") or len(node.output) != 2 \
+            or coefficients.size != len(labels) * (coefficients.size // max(len(labels), 1)) or coefficients.size == 0:
+        return False
+    classes = len(labels)
+    weights = coefficients.reshape(classes, -1).T.copy()  # [features, classes]
+    intercepts = np.asarray(attrs.get("intercepts") or [0.0] * classes, dtype=np.float32)
+    if intercepts.shape != (classes,):
+        return False
+    label_out, scores_out = node.output
+    consumers = [n for n in nodes if scores_out in n.input]
+    normalizer = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Normalizer" else None
+    if normalizer is not None and helper.get_attribute_value(
+            next(a for a in normalizer.attribute if a.name == "norm")) not in (b"L1", "L1"):
+        return False
+    final_scores = normalizer.output[0] if normalizer is not None else scores_out
+    p = f"{node.name or 'linear'}_std"
+    graph.initializer.extend([numpy_helper.from_array(weights, f"{p}_coef"), numpy_helper.from_array(intercepts, f"{p}_intercept"),
+                              numpy_helper.from_array(np.asarray(labels, dtype=np.int64), f"{p}_classes"),
+                              numpy_helper.from_array(np.asarray([1], dtype=np.int64), f"{p}_axis")])
+    new = [helper.make_node("MatMul", [node.input[0], f"{p}_coef"], [f"{p}_mm"], name=f"{p}_matmul"),
+           helper.make_node("Add", [f"{p}_mm", f"{p}_intercept"], [f"{p}_raw"], name=f"{p}_add")]
+    raw = f"{p}_raw"
+    if transform == "SOFTMAX":
+        new.append(helper.make_node("Softmax", [raw], [f"{p}_t"], name=f"{p}_softmax", axis=1))
+    elif transform == "LOGISTIC":
+        new.append(helper.make_node("Sigmoid", [raw], [f"{p}_t"], name=f"{p}_sigmoid"))
+    else:
+        new.append(helper.make_node("Identity", [raw], [f"{p}_t"], name=f"{p}_identity"))
+    if normalizer is not None:
+        new += [helper.make_node("Abs", [f"{p}_t"], [f"{p}_abs"], name=f"{p}_abs"),
+                helper.make_node("ReduceSum", [f"{p}_abs", f"{p}_axis"], [f"{p}_sum"], name=f"{p}_sum", keepdims=1),
+                helper.make_node("Div", [f"{p}_t", f"{p}_sum"], [final_scores], name=f"{p}_l1")]
+    else:
+        new.append(helper.make_node("Identity", [f"{p}_t"], [final_scores], name=f"{p}_out"))
+    # The label is the class of the highest raw score, first one on ties, as LinearClassifier picks it.
+    new += [helper.make_node("ArgMax", [raw], [f"{p}_argmax"], name=f"{p}_argmax", axis=1, keepdims=0),
+            helper.make_node("Gather", [f"{p}_classes", f"{p}_argmax"], [label_out], name=f"{p}_label", axis=0)]
+    kept = [n for n in nodes if n is not node and n is not normalizer]
+    position = min(index, len(kept))
+    del graph.node[:]
+    graph.node.extend(kept[:position] + new + kept[position:])
+    for output in graph.output:
+        if output.name == label_out:
+            output.type.tensor_type.elem_type = TensorProto.INT64
+    return True
 
 
 def _same_labels(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -209,6 +280,7 @@ class SklearnImporter:
         n_features = _check_estimator(estimator, source)
         converted = _convert(skl2onnx, estimator, n_features, source)
         merge_opset_imports(converted)
+        _linear_to_standard_ops(converted)
         _probabilities_first(converted)
         serialized = converted.SerializeToString()
         label = f"ONNX conversion of {source.path}"

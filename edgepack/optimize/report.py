@@ -26,7 +26,8 @@ def _verdict_line(v: dict) -> str:
                 f"(b={v['counts']['b']} fp32-only right, c={v['counts']['c']} candidate-only right, McNemar p={v['p_value']:.3g}; "
                 f"{v['samples']} samples) vs ≤ {v['threshold'] * 100:.2f} pt")
     else:
-        text = (f"agreement {v['estimate'] * 100:.2f}%, {conf} interval [{low * 100:.1f}, {high * 100:.1f}]% "
+        what = "agreement" if not v.get("output") else f"agreement of output {v['output']!r}"
+        text = (f"{what} {v['estimate'] * 100:.2f}%, {conf} interval [{low * 100:.1f}, {high * 100:.1f}]% "
                 f"({v['counts']['flipped']} of {v['samples']} flipped) vs ≥ {v['threshold'] * 100:.2f}%")
     verdict = v["verdict"]
     if verdict == "undecided":
