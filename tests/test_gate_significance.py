@@ -251,3 +251,26 @@ def test_optimize_on_the_full_validation_set_decides_and_reports_the_interval(cl
                          "--validation", digits / "val.npz", "--runs", "2")
     assert code == 0, err
     assert "agreement" in out and "95% interval [" in out and "of 450 flipped" in out and ": pass" in out
+
+
+def test_project_file_undecided_key_is_validated(cli, digits, tmp_path):
+    import shutil
+
+    import yaml
+
+    for name in ("model.onnx", "calib.npz", "val.npz", "edgepack.yaml"):
+        shutil.copy(digits / name, tmp_path / name)
+    config = yaml.safe_load((tmp_path / "edgepack.yaml").read_text())
+    config["gates"]["undecided"] = "maybe"
+    (tmp_path / "edgepack.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = cli("build", tmp_path / "edgepack.yaml")
+    assert code == 2 and "Traceback" not in out + err
+    assert "gates.undecided: must be one of refuse, accept" in err and "got 'maybe'" in err
+    from edgepack.bundle.keys import generate_keypair
+    from edgepack.project import load_project
+
+    (tmp_path / "keys").mkdir()
+    generate_keypair(tmp_path / "keys", "digits")
+    config["gates"]["undecided"] = "accept"
+    (tmp_path / "edgepack.yaml").write_text(yaml.safe_dump(config))
+    assert load_project(tmp_path / "edgepack.yaml").gates.undecided == "accept"

@@ -59,6 +59,10 @@ def photos_project(directory: Path, **changes) -> Path:
     for name in ("model.onnx", "calib.npz", "val.npz", "edgepack.yaml", "labels.txt"):
         shutil.copy(PHOTOS / name, directory / name)
     config = yaml.safe_load((directory / "edgepack.yaml").read_text())
+    # These tests are about arithmetic classes, not sample size: 198 validation photos leave a 98%
+    # agreement gate undecided once 2 answers flip (a re-quantized int8 here), so they accept
+    # undecided gates (reported as warnings) unless a test declares its own gates.
+    config["gates"] = {**config.get("gates", {}), "undecided": "accept"}
     config.update(changes)
     (directory / "edgepack.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (directory / "keys").mkdir()
@@ -510,7 +514,7 @@ def test_optimize_static_for_a_gateway_requantizes_and_for_a_pi_keeps_plain_int8
     np.savez(tmp_path / "val.npz", image=val["raw"], labels=val["labels"])
     np.savez(tmp_path / "cal.npz", image=cal["raw"])
     common = [fp32, "--quantize", "static", "--calibration", tmp_path / "cal.npz", "--validation", tmp_path / "val.npz",
-              "--per-channel", "--max-accuracy-drop", "0.02", "--json"]
+              "--per-channel", "--max-accuracy-drop", "0.02", "--undecided", "accept", "--json"]  # see photos_project
     code, out, err = run("optimize", *common, "-o", tmp_path / "gw.onnx", "--target", "x86-gateway")
     assert code == 0, err
     report = json.loads(out)
