@@ -55,7 +55,7 @@ def render(report: OptimizeReport) -> None:
     table.add_row(
         "original fp32", _size(orig["size_bytes"]), "1.00×",
         f"{lat['median_ms']:.3f}" if lat else "–", f"{lat['p95_ms']:.3f}" if lat else "–", "1.00×",
-        _pct(ref_acc), "–", "–", "–", "reference",
+        _pct(ref_acc), "–", "–", "–", "[green]chosen (kept)[/green]" if data.get("kept_original") else "reference",
     )
     for c in data["candidates"]:
         n = c["numerics"] or {}
