@@ -160,8 +160,20 @@ def test_inconsistent_counts_are_refused():
 
 def numerics(n, ref_correct, b, c, agreed):
     return Numerics(samples=n, max_abs_error=0.1, cosine=0.999, agreement=agreed / n, accuracy=(ref_correct - b + c) / n,
-                    reference_accuracy=ref_correct / n, finite=True, class_samples=n, agreed=agreed, fp32_only=b,
-                    candidate_only=c)
+                    reference_accuracy=ref_correct / n, finite=True, close=False, class_samples=n, agreed=agreed,
+                    fp32_only=b, candidate_only=c)
+
+
+def test_a_candidate_that_reproduces_the_reference_is_judged_on_the_data():
+    # The fp32 variant against itself (or a lossless rewrite): nothing flipped, and its arithmetic
+    # is the reference's, so 40 samples are not "too few" to say it keeps the accuracy.
+    from dataclasses import replace
+
+    same = replace(numerics(40, 39, 0, 0, 40), close=True)
+    gate = Gate(max_accuracy_drop=0.01, min_agreement=0.98)
+    assert assess(gate, same) == [] and check(gate, same) == []
+    changed = numerics(40, 39, 0, 0, 40)  # an int8 with the same counts: its arithmetic differs
+    assert [v.verdict for v in assess(gate, changed)] == ["undecided", "undecided"] and len(check(gate, changed)) == 2
 
 
 def test_undecided_gate_refuses_with_the_samples_needed_sentence():
@@ -274,3 +286,48 @@ def test_project_file_undecided_key_is_validated(cli, digits, tmp_path):
     config["gates"]["undecided"] = "accept"
     (tmp_path / "edgepack.yaml").write_text(yaml.safe_dump(config))
     assert load_project(tmp_path / "edgepack.yaml").gates.undecided == "accept"
+
+
+def _small_digits_project(directory, digits, samples: int, undecided: str | None):
+    import shutil
+
+    import yaml
+
+    from edgepack.bundle.keys import generate_keypair
+
+    directory.mkdir()
+    for name in ("model.onnx", "calib.npz", "edgepack.yaml"):
+        shutil.copy(digits / name, directory / name)
+    with np.load(digits / "val.npz") as val:
+        np.savez(directory / "val.npz", **{k: val[k][:samples] for k in val.files})
+    config = yaml.safe_load((directory / "edgepack.yaml").read_text())
+    config["targets"] = [{"device": "rpi4", "variants": ["fp32", "int8"]}]
+    if undecided:
+        config["gates"]["undecided"] = undecided
+    (directory / "edgepack.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (directory / "keys").mkdir()
+    generate_keypair(directory / "keys", "digits")
+    return directory / "edgepack.yaml"
+
+
+def test_build_on_a_small_validation_set_ships_no_undecided_int8_unless_accepted(cli, digits, tmp_path):
+    from edgepack.bundle import read_member
+
+    project = _small_digits_project(tmp_path / "strict", digits, 40, None)
+    code, out, err = cli("build", project)
+    assert code == 0, (out, err)
+    manifest = json.loads(read_member(project.parent / "dist" / "digits-1.0.0.epk", "manifest.json"))
+    assert [v["id"] for v in manifest["variants"]] == ["onnx-fp32"]  # rpi4 falls back to fp32
+    assert "undecided: with 40 samples" in out and "samples at this flip rate to decide" in out
+    report = json.loads((project.parent / "dist" / "digits-1.0.0.build.json").read_text())
+    verdicts = report["variants"]["onnx-int8"]["gate_verdicts"]
+    assert {v["gate"] for v in verdicts} == {"accuracy_drop", "agreement"}
+    assert all(v["samples"] == 40 for v in verdicts) and any(v["verdict"] == "undecided" for v in verdicts)
+
+    project = _small_digits_project(tmp_path / "accept", digits, 40, "accept")
+    code, out, err = cli("build", project)
+    assert code == 0, (out, err)
+    manifest = json.loads(read_member(project.parent / "dist" / "digits-1.0.0.epk", "manifest.json"))
+    assert {v["id"] for v in manifest["variants"]} == {"onnx-fp32", "onnx-int8"}
+    assert manifest["gates"]["thresholds"]["undecided"] == "accept"
+    assert "onnx-int8: accepted although undecided: with 40 samples" in out

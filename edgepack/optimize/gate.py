@@ -73,14 +73,17 @@ def default_gate(has_labels: bool, class_output: bool, undecided: str = "refuse"
 def assess(gate: Gate, numerics: Numerics, statistical: bool = True) -> list[significance.Verdict]:
     """Statistical verdicts of the accuracy-drop and agreement gates that the counts allow. Pure.
 
-    Numbers without their counts (``class_samples == 0``, e.g. built by hand), or measured
+    Numbers without their counts (``class_samples == 0``, e.g. built by hand), measured
     on synthetic inputs (``statistical=False``: random samples are no sample of the
-    deployment data, so their count proves nothing), get no verdict here and are checked on
+    deployment data, so their count proves nothing), or of a candidate that reproduced
+    every output of the reference within the lossless tolerance (``numerics.close``: the
+    reference itself, or a float rewrite of it; the sample-size question is about
+    candidates whose arithmetic changes answers) get no verdict here and are checked on
     the measured values by :func:`check`.
     """
     verdicts = []
     n = numerics.class_samples
-    if n <= 0 or not statistical:
+    if n <= 0 or not statistical or numerics.close:
         return verdicts
     if gate.max_accuracy_drop is not None and numerics.reference_accuracy is not None and numerics.accuracy is not None:
         reference_correct = int(round(numerics.reference_accuracy * n))
