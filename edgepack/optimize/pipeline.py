@@ -513,7 +513,6 @@ def _gate_under_target(config, klass, candidates, runnable, reference, evaluatio
 
     from ..build.certify import REQUANT_CANDIDATES
 
-
     def judge(cand: Candidate) -> None:
         if _float_mode(cand.mode):
             cand.target = {"class": klass, "how": "host", "numerics": cand.numerics}
