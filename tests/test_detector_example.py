@@ -22,9 +22,18 @@ EXAMPLE = ROOT / "examples" / "detector"
 
 
 def _train_module():
+    import os
+
     spec = importlib.util.spec_from_file_location("detector_train", EXAMPLE / "train.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # train.py pins BLAS to one thread for reproducible training; that must not leak into
+    # this process's environment (subprocesses of later tests inherit it).
+    saved = dict(os.environ)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return module
 
 

@@ -265,16 +265,6 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
             raise ConfigError(f"--target {config.target} measures every candidate under {target_class}'s arithmetic, "
                               "which needs data: pass --validation (or --calibration).")
 
-    from ..importers.opset import needs_upgrade
-
-    fallback_bytes = original_bytes  # the unoptimized graph, if a rewrite changes outputs
-    if needs_upgrade(original):
-        progress("Converting to opset 13")
-        original = _upgraded(original, config, calibration, evaluation, eval_kind, warnings)
-        fallback_bytes = original.SerializeToString()  # converted and proven
-
-    progress("Optimizing graph")
-    base_model, graph_report = optimize_graph(original, config.threads)
     try:
         reference = session(original_bytes, config.threads)
     except Exception as exc:  # noqa: BLE001
@@ -290,6 +280,20 @@ def optimize(config: OptimizeConfig, progress: Progress = _noop) -> OptimizeRepo
                 f"The {eval_kind.split()[0]} data {evaluation.source} does not run through the original model "
                 f"({problem}); check that it holds valid inputs for {config.model}."
             )
+
+    from ..importers.opset import needs_upgrade
+
+    fallback_bytes = original_bytes  # the unoptimized graph, if a rewrite changes outputs
+    # Only quantized results need opset 13 (per-channel QDQ); a plain graph rewrite keeps the
+    # model's own opset, so "none" never needs data to prove a conversion. Converted after the
+    # data check above, so the proof only ever runs on inputs the original accepts.
+    if config.quantize != "none" and needs_upgrade(original):
+        progress("Converting to opset 13")
+        original = _upgraded(original, config, calibration, evaluation, eval_kind, warnings)
+        fallback_bytes = original.SerializeToString()  # converted and proven
+
+    progress("Optimizing graph")
+    base_model, graph_report = optimize_graph(original, config.threads)
 
     with tempfile.TemporaryDirectory(prefix="edgepack-opt-") as tmp:
         work = Path(tmp)
