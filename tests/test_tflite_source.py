@@ -311,3 +311,29 @@ def test_keras_savedmodel_directory_builds_tflite_variants(keras_digits, tmp_pat
     assert run("verify", project.parent / "dist" / BUNDLE, "--key", project.parent / "keys" / "digits.pub")[0] == 0
     files = manifest_of(project.parent / "dist" / BUNDLE)["lineage"]["source_model"]["files"]
     assert any(f["role"] == "savedmodel:saved_model.pb" and len(f["sha256"]) == 64 for f in files)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tf2onnx") is None, reason="tf2onnx (edgepack[tflite]) is not installed")
+def test_keras_model_builds_onnx_and_tflite_variants_in_one_bundle(keras_digits, tmp_path):
+    """A Keras user asks for both engines: ONNX through tf2onnx, TFLite from that ONNX through onnx2tf,
+    every variant gated against the same fp32 reference and checked against Keras itself."""
+    from edgepack.bundle import extract_bundle, load_public_key
+    from edgepack.convert.tflite import LiteRTSession
+
+    project = tflite_project(tmp_path / "p", keras_digits / "model.keras", ["fp32", "tflite-fp32"], kind="keras")
+    code, out, err = run("build", project)
+    assert code == 0, (out, err)
+    bundle = project.parent / "dist" / BUNDLE
+    assert run("verify", bundle, "--key", project.parent / "keys" / "digits.pub")[0] == 0
+    manifest = extract_bundle(bundle, tmp_path / "x", load_public_key(project.parent / "keys" / "digits.pub"))
+    assert sorted(v["engine"] for v in manifest.variants) == ["litert", "onnxruntime"]
+    raw = np.load(project.parent / "val.npz")["raw"][:50]
+    expected = keras_outputs(keras_digits / "model.keras", raw)
+    import onnxruntime as ort
+
+    onnx_file = next(v["file"] for v in manifest.variants if v["engine"] == "onnxruntime")
+    tfl_file = next(v["file"] for v in manifest.variants if v["engine"] == "litert")
+    sess = ort.InferenceSession(str(tmp_path / "x" / onnx_file), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"raw": raw})[0], expected, atol=1e-5)
+    got = LiteRTSession((tmp_path / "x" / tfl_file).read_bytes()).run(None, {"raw": raw})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)

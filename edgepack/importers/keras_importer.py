@@ -5,7 +5,8 @@ Two routes, chosen by the variants a project asks for (:func:`litert_only`):
 * **ONNX** (``fp32``/``int8``/``fp16`` variants): the model is exported to a SavedModel
   and converted with tf2onnx (``python -m tf2onnx.convert``, offline), then checked
   against Keras's own outputs on random inputs of its input shape; the ONNX model
-  then goes through the normal build like any other.
+  then goes through the normal build like any other; ``tflite-*`` variants asked for next
+  to ONNX ones are converted from that ONNX model with onnx2tf, as for an ONNX source.
 * **TFLite only** (``tflite-*`` variants): TensorFlow's own ``TFLiteConverter``
   (:func:`edgepack.convert.tflite.convert_tensorflow_to_tflite`), no tf2onnx needed;
   see :mod:`edgepack.build.tflite_source`.
