@@ -410,10 +410,16 @@ def convert_onnx_to_tflite(model, precisions=TFLITE_PRECISIONS, calibration: Map
 
     from ..optimize.evaluate import session
 
-    reference = session(clean.SerializeToString(), 1)
     sample = {n: np.ascontiguousarray(clean_calib[n][:1]) for n in clean_in if n in clean_calib and len(clean_calib[n])}
     if len(sample) != len(clean_in):
         sample = {}
+    from .maxpool import zero_pad_relu_maxpools
+
+    clean, pools = zero_pad_relu_maxpools(clean, sample)
+    if pools:
+        notes.append(f"{pools} MaxPool(s) after a Relu padded with 0 instead of -inf (bit-exact on a calibration sample): "
+                     "onnx2tf's -inf padding breaks int8 quantization")
+    reference = session(clean.SerializeToString(), 1)
     models: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmp:
         work = Path(tmp)
@@ -544,6 +550,14 @@ def _convert_image_split(model, pre, split: str, precisions, calibration: Mappin
     clean = _fold_static(clean)
     notes = [(f"{in_names[0]}: resize/crop preprocessing built with TensorFlow ops (any raw size from "
               f"{pre.min_size[0]}x{pre.min_size[1]} to {pre.max_size[0]}x{pre.max_size[1]})")]
+    from .maxpool import zero_pad_relu_maxpools
+
+    # The rewrite is exact for every input, so a random feature map proves it as well as a real one.
+    body_sample = {clean_in[0]: np.random.default_rng(0).normal(size=(1, pre.model_channels, height, width)).astype(np.float32)}
+    clean, pools = zero_pad_relu_maxpools(clean, body_sample)
+    if pools:
+        notes.append(f"{pools} MaxPool(s) after a Relu padded with 0 instead of -inf (bit-exact on a sample): "
+                     "onnx2tf's -inf padding breaks int8 quantization")
     raw_calib = calibration.get(in_names[0])
     reference = session(model.SerializeToString(), 1)
     sample = {in_names[0]: np.ascontiguousarray(raw_calib[:1])} if raw_calib is not None and len(raw_calib) else {}
