@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepack_runtime.semver import is_valid as is_valid_version
+
 from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 VARIANTS = ("fp32", "int8", "fp16", "tflite-fp32", "tflite-fp16", "tflite-int8")
 MODEL_KINDS = ("onnx", "pytorch", "sklearn", "tflite", "keras")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -180,7 +181,7 @@ def validate_project(data: Any) -> list[str]:
     if not isinstance(name, str) or not NAME_RE.match(name):
         problems.append(f"name: must be lower-case letters, digits, '.', '_' or '-' (max 64), got {name!r}")
     version = data.get("version")
-    if not isinstance(version, str) or not SEMVER_RE.match(version):
+    if not is_valid_version(version):
         problems.append(f"version: must be a semantic version such as 1.0.0 (quote it in YAML), got {version!r}")
     if "description" in data and not isinstance(data["description"], str):
         problems.append("description: must be a string")

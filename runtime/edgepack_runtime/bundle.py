@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Union
 
+from .semver import is_valid as is_valid_version
 from . import _ed25519, _ustar
 from ._fs import fsync_dir
 from .errors import BundleError, EdgepackError, VerificationError
@@ -54,8 +55,6 @@ _CHUNK = 1 << 20
 _SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_IDENT = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
-_SEMVER_RE = re.compile(rf"(?:0|[1-9][0-9]*)\.(?:0|[1-9][0-9]*)\.(?:0|[1-9][0-9]*)(?:-{_IDENT}(?:\.{_IDENT})*)?")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 
@@ -235,7 +234,7 @@ def validate_manifest(obj: Any) -> list[str]:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         problems.append(f"'name' must match [a-z0-9][a-z0-9._-]{{0,63}} (got {name!r})")
     semver = obj.get("version")
-    if not isinstance(semver, str) or not _SEMVER_RE.fullmatch(semver):
+    if not is_valid_version(semver):
         problems.append(f"'version' must be MAJOR.MINOR.PATCH with an optional -prerelease (got {semver!r})")
     files = obj.get("files")
     if not isinstance(files, dict):

@@ -300,8 +300,8 @@ class Cache:
         }
 
 
-def _semver(version: str) -> Tuple[int, int, int, int, str]:
-    core, _, pre = version.partition("-")
-    major, minor, patch = (int(x) for x in core.split("."))
-    # A release sorts after its pre-releases.
-    return (major, minor, patch, 0 if pre else 1, pre)
+def _semver(version: str) -> tuple:
+    # One ordering for every component (see edgepack_runtime.semver): rc.2 < rc.10 < release.
+    from .semver import precedence
+
+    return precedence(version)
