@@ -280,7 +280,6 @@ def test_schema_errors_are_reported_at_once_with_field_paths(tmp_path):
 
 
 def test_unknown_device_is_reported(tmp_path):
-    pytest.importorskip("edgepack.devices")
     project = make_project(tmp_path / "p", targets=[{"device": "rpi44", "variants": ["fp32"]}])
     code, out, err = run("build", project)
     assert code == 2 and "targets[0].device" in err and "rpi44" in err
