@@ -589,3 +589,19 @@ def test_power_loss_at_every_state_resumes_or_rolls_back(world, cache, server, t
         assert ranges == [None, "bytes=262144-"], ranges  # resumed from the last fsynced checkpoint
     elif version == "2.0.0":
         assert len([p for p, _ in server.gets if p == url]) <= 2
+
+
+def test_power_cut_state_temp_files_are_swept_when_the_client_starts(world, cache, server):
+    """A cut between atomic_write's temp file and its rename left ota/.state.json.*.tmp forever."""
+    client = _client(world, cache, server)
+    client.run_once(wait=False)
+    state_dir = client.machine.path.parent
+    leftovers = [state_dir / ".state.json.k1ll3d.tmp", state_dir / ".state.json.0ld.tmp"]
+    for path in leftovers:
+        path.write_bytes(b'{"state": "installing"')  # torn, as a cut would leave it
+    before = client.machine.path.read_bytes()
+    again = _client(world, cache, server)
+    again.start()
+    assert not any(p.exists() for p in leftovers)
+    assert client.machine.path.read_bytes() == before  # the real state file is untouched
+    assert (state_dir / "state.json").is_file()

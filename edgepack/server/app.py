@@ -170,6 +170,8 @@ def create_app(settings: ServerSettings, storage: Storage, *, clock: Callable[[]
         except EdgepackError as exc:
             raise ServerError(f"Trusted key {path} cannot be used: {exc}") from exc
     blobs = BlobStore(settings.blob_dir)
+    if blobs.swept:
+        log.warning("removed %d temp file(s) left in %s by uploads whose server was killed", blobs.swept, blobs.root / "tmp")
     orchestrator = Orchestrator(storage, clock)
     catalog = Catalog(storage, blobs, keys, clock)
     alerter = Alerter(settings, storage, clock)

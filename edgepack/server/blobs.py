@@ -8,6 +8,7 @@ Deltas are cached under ``<dir>/deltas/<from>.<to>.zst`` with the same disciplin
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -82,6 +83,35 @@ class BlobStore:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ServerError(f"Cannot create the blob directory {self.root / sub}: {exc.strerror or exc}.") from exc
+        self.swept = self.sweep_orphans()
+
+    def sweep_orphans(self) -> int:
+        """Delete temp files no live writer holds: the ``.part`` of an upload whose server was killed.
+
+        A writer holds an exclusive ``flock`` on its temp file for as long as it writes
+        (:meth:`temp_file`), and the kernel drops it when the process dies. So a file whose
+        lock can be taken belongs to nobody, even with other replicas sharing this store
+        and uploading right now. Returns how many files were deleted.
+        """
+        removed = 0
+        for path in (self.root / "tmp").glob("*.part"):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue  # gone already (adopted or removed by its writer)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # a live upload
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        return removed
 
     def path(self, digest: str) -> Path:
         if not _DIGEST_RE.fullmatch(digest):
@@ -97,7 +127,13 @@ class BlobStore:
     @contextlib.contextmanager
     def temp_file(self) -> Iterator[tuple[BinaryIO, Path]]:
         """A temp file inside the store (same filesystem, so adopt() is a rename); removed unless adopted."""
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")
+        while True:
+            fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")
+            # Held until the file is closed: marks it live for sweep_orphans in other processes.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)  # a sweeper took it between mkstemp and flock: make another
         path = Path(name)
         try:
             with os.fdopen(fd, "w+b") as fh:

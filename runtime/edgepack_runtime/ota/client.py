@@ -16,6 +16,7 @@ and for server-directed rollbacks).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -251,6 +252,11 @@ class OtaClient:
         self._started = True
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cache.ensure()
+        # A power cut between atomic_write's temp file and its rename leaves the temp behind;
+        # this process is the only writer of the state file and has not written yet.
+        for leftover in self.dir.glob(f".{self.machine.path.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
         d = self.machine.data
         if d.get("outbox"):
             self.events.append(d["outbox"])  # the crash may have come between state write and append
