@@ -13,7 +13,7 @@ Steps (each an existing edgepack piece, composed here):
    model on the validation data (accuracy, agreement, max abs error, size, latency).
 5. Gates (and ``--baseline``: champion/challenger on the same validation data). Any
    failure raises :class:`GateError` and nothing is written.
-6. Golden vectors, reference statistics, manifest, :func:`write_bundle`.
+6. Golden vectors, reference statistics, manifest, signed and verified (:func:`.verify_step.write_verified`).
 
 Determinism: the bundle holds no timestamps and no wall-clock numbers; latencies go
 to the side report ``NAME-VERSION.build.json`` and the manifest records only the
@@ -505,6 +505,41 @@ def _numerics_dict(n) -> dict | None:
     return jsonable({k: getattr(n, k) for k in n.__dataclass_fields__})
 
 
+def _golden_entries(ship: dict, host_cls: str, golden_feed: dict, run_fn) -> tuple[dict, dict, dict]:
+    """Golden inputs and, per shipped variant, its host outputs with tolerances and one entry per
+    certified class (its own outputs only where they differ from the host's).
+
+    Returns:
+        ``(arrays, tolerances, classes)`` for ``golden.npz`` and the manifest's ``golden`` block.
+    """
+    arrays = {golden_mod.input_key(k): v for k, v in golden_feed.items()}
+    tolerances: dict[str, dict[str, float]] = {}
+    golden_classes: dict[str, dict[str, dict]] = {}
+    for result in ship.values():
+        names = [o.name for o in result.session.get_outputs()]
+        host_m = result.classes.get(host_cls)
+        outs = host_m.golden if host_m is not None and host_m.golden is not None else run_fn(result.session, golden_feed)
+        tolerances[result.id] = {}
+        for name, value in zip(names, outs):
+            arrays[golden_mod.output_key(result.id, name)] = value
+            tolerances[result.id][name] = golden_mod.tolerance(value, result.numerics.max_abs_error)
+        golden_classes[result.id] = {}
+        for klass, m in result.classes.items():
+            if not m.passed:
+                continue
+            same = all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc") for a, b in zip(m.golden, outs))
+            key = result.id if same else f"{result.id}@{klass}"
+            others = [o.golden for c, o in result.classes.items() if c != klass and o.golden is not None]
+            entry = {"outputs": key, "how": m.how, "tolerances": {}}
+            for index, (name, value) in enumerate(zip(names, m.golden)):
+                if key != result.id:
+                    arrays[golden_mod.output_key(key, name)] = value
+                entry["tolerances"][name] = golden_mod.class_tolerance(
+                    value, [o[index] for o in others if index < len(o)], m.numerics.max_abs_error)
+            golden_classes[result.id][klass] = entry
+    return arrays, tolerances, golden_classes
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -521,7 +556,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     import onnxruntime
 
     from .. import __version__
-    from ..bundle import bundle_filename, load_private_key, write_bundle
+    from ..bundle import bundle_filename, load_private_key
     from ..modelio import graph_inputs
     from ..optimize.evaluate import batch_size_for, compare, measure_latency
     from ..optimize.graph import optimize_graph
@@ -600,9 +635,8 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
     embedded_bytes = embedded.SerializeToString()
     reference = _session(embedded_bytes, "the embedded model")
     check = compare_fn(reference, _session(fp32_bytes, "the optimized model"), validation, batch)
-    calibration_streams = None
     if stream is not None:  # quantize on the states fp32 really carries into each chunk
-        calibration_streams, calibration = calibration, stream_mod.calibration_dataset(reference, calibration, stream)
+        calibration = stream_mod.calibration_dataset(reference, calibration, stream)
     graph_info = {"applied": graph_report.applied, "nodes_before": graph_report.nodes_before,
                   "nodes_after": graph_report.nodes_after, "note": graph_report.note}
     if not check.close:
@@ -764,31 +798,7 @@ def build(project_path: str | Path, baseline: str | Path | None = None, progress
         raise error
 
     progress("Writing golden vectors")
-    arrays = {golden_mod.input_key(k): v for k, v in golden_feed.items()}
-    tolerances: dict[str, dict[str, float]] = {}
-    golden_classes: dict[str, dict[str, dict]] = {}
-    for result in ship.values():
-        names = [o.name for o in result.session.get_outputs()]
-        host_m = result.classes.get(host_cls)
-        outs = host_m.golden if host_m is not None and host_m.golden is not None else run_fn(result.session, golden_feed)
-        tolerances[result.id] = {}
-        for name, value in zip(names, outs):
-            arrays[golden_mod.output_key(result.id, name)] = value
-            tolerances[result.id][name] = golden_mod.tolerance(value, result.numerics.max_abs_error)
-        golden_classes[result.id] = {}
-        for klass, m in result.classes.items():
-            if not m.passed:
-                continue
-            same = all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc") for a, b in zip(m.golden, outs))
-            key = result.id if same else f"{result.id}@{klass}"
-            others = [o.golden for c, o in result.classes.items() if c != klass and o.golden is not None]
-            entry = {"outputs": key, "how": m.how, "tolerances": {}}
-            for index, (name, value) in enumerate(zip(names, m.golden)):
-                if key != result.id:
-                    arrays[golden_mod.output_key(key, name)] = value
-                entry["tolerances"][name] = golden_mod.class_tolerance(
-                    value, [o[index] for o in others if index < len(o)], m.numerics.max_abs_error)
-            golden_classes[result.id][klass] = entry
+    arrays, tolerances, golden_classes = _golden_entries(ship, host_cls, golden_feed, run_fn)
     golden_bytes = golden_mod.write_npz(arrays)
 
     progress("Computing reference statistics")

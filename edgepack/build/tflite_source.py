@@ -372,31 +372,7 @@ def build_litert_bundle(project, models: dict[str, bytes], reference, source_lin
         raise error
 
     progress("Writing golden vectors")
-    arrays = {golden_mod.input_key(k): v for k, v in golden_feed.items()}
-    tolerances: dict[str, dict[str, float]] = {}
-    golden_classes: dict[str, dict] = {}
-    for result in ship.values():
-        names = [o.name for o in result.session.get_outputs()]
-        host_m = result.classes.get(host_cls)
-        outs = host_m.golden if host_m is not None and host_m.golden is not None else P._run(result.session, golden_feed)
-        tolerances[result.id] = {}
-        for name, value in zip(names, outs):
-            arrays[golden_mod.output_key(result.id, name)] = value
-            tolerances[result.id][name] = golden_mod.tolerance(value, result.numerics.max_abs_error)
-        golden_classes[result.id] = {}
-        for klass, m in result.classes.items():
-            if not m.passed:
-                continue
-            same = all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc") for a, b in zip(m.golden, outs))
-            key = result.id if same else f"{result.id}@{klass}"
-            others = [o.golden for c, o in result.classes.items() if c != klass and o.golden is not None]
-            entry = {"outputs": key, "how": m.how, "tolerances": {}}
-            for index, (name, value) in enumerate(zip(names, m.golden)):
-                if key != result.id:
-                    arrays[golden_mod.output_key(key, name)] = value
-                entry["tolerances"][name] = golden_mod.class_tolerance(value, [o[index] for o in others if index < len(o)],
-                                                                       m.numerics.max_abs_error)
-            golden_classes[result.id][klass] = entry
+    arrays, tolerances, golden_classes = P._golden_entries(ship, host_cls, golden_feed, P._run)
 
     progress("Computing reference statistics")
     val_raw: dict[str, list[np.ndarray]] = {}
