@@ -117,13 +117,16 @@ def test_build_gates_every_variant_per_stream_and_records_state_agreement(built)
         assert n["streams"] == 16 and len(n["stream_agreement"]) == 16, vid
         assert set(n["output_cosine"]) == {"speech", "stateN"}, vid  # every output compared, the state too
         assert n["decision"] == "'speech' > 0.5"
-        if v["shipped"]:
+        # Host numbers bind only where the variant is certified for this host's arithmetic: on a
+        # Haswell host the plain int8 ships to the Arm target yet scores below the gate here.
+        if v["shipped"] and v["classes"].get(report["host_class"], {}).get("passed"):
             assert n["agreement"] >= 0.97 and n["output_cosine"]["stateN"] >= 0.99, vid
     assert variants["onnx-fp32"]["numerics"]["min_stream_agreement"] == 1.0
     for device, target in report["targets"].items():  # the GRU in int8 keeps its state: shipped everywhere
         assert target["variants"]["int8"]["shipped"], (device, target["variants"]["int8"]["reason"])
         shipped = variants[target["variants"]["int8"]["shipped"]]["classes"][target["class"]]
-        assert shipped["passed"] and shipped["min_stream_agreement"] >= 0.9 and len(shipped["stream_agreement"]) == 16
+        assert shipped["passed"] and shipped["agreement"] >= 0.97, (device, shipped)  # the gate, under the target's class
+        assert shipped["min_stream_agreement"] >= 0.9 and len(shipped["stream_agreement"]) == 16
 
 
 def test_bundle_verifies_by_replaying_its_golden_stream(built):
