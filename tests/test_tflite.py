@@ -530,14 +530,10 @@ def _link_distribution(name: str, module: str, target: Path) -> None:
         (target / path.name).symlink_to(path)
 
 
-@needs_tflite
-@needs_litert
-@pytest.mark.slow
-def test_device_with_only_numpy_and_litert_serves_the_tflite_variant(digits_bundle, tmp_path):
-    """A venv holding only numpy, ai-edge-litert and edgepack-runtime (pip install --no-deps) runs the bundle."""
+def litert_only_python(tmp_path: Path) -> Path:
+    """The python of a fresh venv holding only numpy, ai-edge-litert and edgepack-runtime (pip --no-deps)."""
     import venv
 
-    directory, result = digits_bundle
     env_dir = tmp_path / "device-env"
     venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -548,6 +544,16 @@ def test_device_with_only_numpy_and_litert_serves_the_tflite_variant(digits_bund
                     "--target", site, source], check=True, capture_output=True)
     _link_distribution("numpy", "numpy", site)
     _link_distribution("ai-edge-litert", "ai_edge_litert", site)
+    return python
+
+
+@needs_tflite
+@needs_litert
+@pytest.mark.slow
+def test_device_with_only_numpy_and_litert_serves_the_tflite_variant(digits_bundle, tmp_path):
+    """A venv holding only numpy, ai-edge-litert and edgepack-runtime (pip install --no-deps) runs the bundle."""
+    directory, result = digits_bundle
+    python = litert_only_python(tmp_path)
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
         import numpy as np

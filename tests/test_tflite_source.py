@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 from test_build import make_project, manifest_of, run
-from test_tflite import _link_distribution, _site_packages, needs_litert, needs_tflite
+from test_tflite import litert_only_python, needs_litert, needs_tflite
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "digits-1.0.0.epk"
@@ -187,19 +187,8 @@ def test_fused_preprocessing_that_diverges_from_the_source_is_refused(keras_digi
 @pytest.mark.slow
 def test_device_with_only_numpy_and_litert_serves_a_tflite_source_bundle(built, tmp_path):
     """A venv holding only numpy, ai-edge-litert and edgepack-runtime runs the bundle from raw pixels."""
-    import venv
-
     _kind, variant, directory = built
-    env_dir = tmp_path / "device-env"
-    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    site = _site_packages(python)
-    source = tmp_path / "runtime-src"
-    shutil.copytree(ROOT / "runtime", source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", site, source], check=True, capture_output=True)
-    _link_distribution("numpy", "numpy", site)
-    _link_distribution("ai-edge-litert", "ai_edge_litert", site)
+    python = litert_only_python(tmp_path)
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
         import numpy as np
